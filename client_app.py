@@ -1,0 +1,31 @@
+"""ClientApp: one handler for dense (baselines) and sparse (FedDST) payloads."""
+
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from feddst_flwr.client import MissingMaskError, client_round
+from feddst_flwr.config import ExperimentConfig
+from feddst_flwr.data import load_partition
+from feddst_flwr.models import build_model
+
+app = ClientApp()
+torch.set_num_threads(1)  # simulated clients run side by side on the CPU cores
+
+MISSING_MASK_CODE = 4001  # Error.code of a reply from a node that lacks the mask version
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on this node's partition and reply with the (sparse) update."""
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    data = load_partition(
+        cfg.dataset, cfg.test_fraction, cfg.seed,
+        int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]),
+    )
+    model = build_model(cfg.model, cfg.seed)
+    try:
+        result = client_round(model, data, msg.content["arrays"], msg.content["config"], cfg, context.state)
+    except MissingMaskError as err:
+        return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
+    return Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""FedDST: Federated Dynamic Sparse Training on Flower's Message API."""

@@ -1,0 +1,102 @@
+"""One client round (Algorithm 1, steps 3-5): decode the download, masked local training,
+readjustment on readjust rounds, encode the upload. Dense payloads (baselines) take the
+same path without masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from .codec import carries_mask, decode, encode, is_sparse, masks_from_record, masks_to_record, payload_bytes
+from .config import ExperimentConfig
+from .data import TensorData
+from .masks import Masks, hamming, maskable_names, prune_and_regrow
+from .training import dense_gradients, train
+
+MASK_STATE_KEY = "feddst-mask"  # Context.state: the global mask this node holds
+VERSION_STATE_KEY = "feddst-mask-version"
+MISSING_MASK = "feddst-missing-mask"  # error reason prefix: node lacks the mask version
+
+
+class MissingMaskError(RuntimeError):
+    """The server sent values for a mask version this node does not hold."""
+
+
+@dataclass
+class ClientResult:
+    arrays: ArrayRecord
+    metrics: MetricRecord
+
+
+def held_masks(state: RecordDict, version: int, shapes: dict[str, tuple[int, ...]]) -> Masks | None:
+    """The masks stored in the node's Context state if they are the wanted version."""
+    if MASK_STATE_KEY not in state.array_records:
+        return None
+    if state.config_records[VERSION_STATE_KEY]["version"] != version:
+        return None
+    return masks_from_record(state.array_records[MASK_STATE_KEY], shapes)
+
+
+def store_masks(state: RecordDict, masks: Masks, version: int) -> None:
+    """Keep the global mask and its version in the node's Context state."""
+    state.array_records[MASK_STATE_KEY] = masks_to_record(masks)
+    state.config_records[VERSION_STATE_KEY] = ConfigRecord({"version": version})
+
+
+def client_round(
+    model: torch.nn.Module,
+    data: TensorData,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    cfg: ExperimentConfig,
+    node_state: RecordDict,
+) -> ClientResult:
+    """Run one training round on a node and build its reply."""
+    reference = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    masks: Masks | None = None
+    if is_sparse(arrays):
+        maskable = maskable_names(model)
+        version = int(config["mask-version"])
+        held = held_masks(node_state, version, {n: reference[n] for n in maskable})
+        if held is None and not carries_mask(arrays):
+            raise MissingMaskError(
+                f"{MISSING_MASK}: the server sent values for mask version {version} without its bitmask "
+                "and this node does not hold that version; it will get the mask next round"
+            )
+        decoded = decode(arrays, reference, maskable, held)
+        if decoded.mask_sent:
+            store_masks(node_state, decoded.masks, version)
+        state, masks = decoded.state, decoded.masks
+    else:
+        state = arrays.to_torch_state_dict()
+    model.load_state_dict(state)
+
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(config["server-round"]))
+    loss = train(
+        model, data, masks,
+        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, proximal_mu=float(config.get("proximal-mu", 0.0)), generator=generator,
+    )
+    new_masks, changed = masks, 0
+    alpha_r = float(config.get("readjust-alpha", 0.0))
+    if masks is not None and alpha_r > 0:
+        grads = dense_gradients(model, data, list(masks), cfg.grow_batches, cfg.batch_size, generator)
+        params = {name: p.data for name, p in model.named_parameters()}
+        new_masks = prune_and_regrow(params, grads, masks, alpha_r)
+        changed = hamming(new_masks, masks)
+
+    weights = model.state_dict()
+    reply = encode(weights, new_masks, changed > 0, cfg.value_dtype) if new_masks is not None else ArrayRecord(weights)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data),
+            "train-loss": loss,
+            "mask-changed": changed,
+            "upload-bytes": payload_bytes(reply),
+            "download-bytes": payload_bytes(arrays),
+        }
+    )
+    return ClientResult(reply, metrics)
+

@@ -1,0 +1,187 @@
+"""Wire format (Algorithm 1, steps 2 and 5): a masked state dict as ONE ArrayRecord.
+
+Per maskable layer `name`:
+  `name`        stype `feddst.values`: the active weights in row-major mask order, raw
+                little-endian float32 (or float16) bytes; `shape` is the layer's shape.
+  `name:mask`   stype `feddst.bitmask`, only when the mask travels: np.packbits of the
+                flattened bool mask (1 bit per weight, zero padding bits).
+Every other tensor is a plain `numpy.ndarray` Array, as Flower sends it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from .masks import Masks, Shapes
+
+VALUES_STYPE = "feddst.values"
+BITMASK_STYPE = "feddst.bitmask"
+DENSE_STYPE = "numpy.ndarray"
+MASK_SUFFIX = ":mask"
+VALUE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+
+
+class CodecError(ValueError):
+    """A payload does not match the model or is malformed; the message names the layer."""
+
+
+@dataclass
+class Decoded:
+    """A decoded payload: dense float32 tensors (pruned weights zero) and the masks used."""
+
+    state: dict[str, torch.Tensor]
+    masks: Masks
+    mask_sent: bool
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes a payload occupies on the wire: the sum of its arrays' data lengths."""
+    return sum(len(array.data) for array in record.values())
+
+
+def is_sparse(record: ArrayRecord) -> bool:
+    """True if the record carries FedDST sparse values."""
+    return any(array.stype == VALUES_STYPE for array in record.values())
+
+
+def carries_mask(record: ArrayRecord) -> bool:
+    """True if the record carries bitmasks."""
+    return any(array.stype == BITMASK_STYPE for array in record.values())
+
+
+def encode(
+    state: dict[str, torch.Tensor], masks: Masks, send_mask: bool, value_dtype: str = "float32"
+) -> ArrayRecord:
+    """Encode a state dict: masked layers as values (+ bitmask if send_mask), rest dense."""
+    dtype = VALUE_DTYPES[value_dtype]
+    record = ArrayRecord()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        if name not in masks:
+            record[name] = Array(tensor.numpy())
+            continue
+        flat_mask = masks[name].flatten()
+        values = tensor.flatten()[flat_mask].numpy().astype(dtype)
+        shape = tuple(tensor.shape)
+        record[name] = Array(dtype=value_dtype, shape=shape, stype=VALUES_STYPE, data=values.tobytes())
+        if send_mask:
+            record[name + MASK_SUFFIX] = _pack_mask(masks[name])
+    return record
+
+
+def decode(record: ArrayRecord, reference: Shapes, maskable: list[str], held: Masks | None) -> Decoded:
+    """Decode and validate a payload against the model's shapes.
+
+    `reference` holds every state-dict tensor's shape; `maskable` names the masked ones;
+    `held` is the mask the receiver already has (used when the payload carries none).
+    """
+    _check_names(record, reference, maskable)
+    mask_keys = [name for name in maskable if name + MASK_SUFFIX in record]
+    if mask_keys and len(mask_keys) != len(maskable):
+        missing = sorted(set(maskable) - set(mask_keys))
+        raise CodecError(f"payload has bitmasks for some maskable layers but not for {missing}")
+    mask_sent = bool(mask_keys)
+    if not mask_sent and held is None:
+        raise CodecError("payload carries no bitmask and no mask is held to decode it")
+    state, masks = {}, {}
+    for name, shape in reference.items():
+        if name not in maskable:
+            state[name] = _decode_dense(name, record[name], shape)
+            continue
+        mask = _decode_mask(name, record[name + MASK_SUFFIX], shape) if mask_sent else held[name]
+        if tuple(mask.shape) != shape:
+            raise CodecError(f"layer '{name}': held mask has shape {tuple(mask.shape)}, expected {shape}")
+        state[name] = _decode_values(name, record[name], shape, mask)
+        masks[name] = mask
+    return Decoded(state, masks, mask_sent)
+
+
+def _pack_mask(mask: torch.Tensor) -> Array:
+    """1 bit per weight, row-major, zero padding bits."""
+    bits = np.packbits(mask.flatten().numpy())
+    return Array(dtype="bool", shape=tuple(mask.shape), stype=BITMASK_STYPE, data=bits.tobytes())
+
+
+def _check_names(record: ArrayRecord, reference: Shapes, maskable: list[str]) -> None:
+    allowed = set(reference) | {name + MASK_SUFFIX for name in maskable}
+    unexpected = sorted(set(record) - allowed)
+    missing = sorted(set(reference) - set(record))
+    if unexpected:
+        raise CodecError(f"payload has unexpected layers {unexpected}")
+    if missing:
+        raise CodecError(f"payload is missing layers {missing}")
+
+
+def _decode_dense(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
+    if array.stype != DENSE_STYPE:
+        raise CodecError(f"layer '{name}': dense tensor expected stype '{DENSE_STYPE}', got '{array.stype}'")
+    try:
+        values = array.numpy()
+    except Exception as err:  # np.load raises many types on malformed bytes
+        raise CodecError(f"layer '{name}': unreadable numpy payload ({err})") from err
+    if values.dtype.kind not in "fiu":
+        raise CodecError(f"layer '{name}': dtype {values.dtype} is not numeric")
+    if values.shape != shape:
+        raise CodecError(f"layer '{name}': shape {values.shape}, expected {shape}")
+    _check_finite(name, values)
+    return torch.from_numpy(values.astype(np.float32))
+
+
+def _decode_mask(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
+    if array.stype != BITMASK_STYPE:
+        raise CodecError(f"layer '{name}': bitmask expected stype '{BITMASK_STYPE}', got '{array.stype}'")
+    if tuple(array.shape) != shape:
+        raise CodecError(f"layer '{name}': bitmask shape {tuple(array.shape)}, expected {shape}")
+    size = math.prod(shape)
+    if len(array.data) != math.ceil(size / 8):
+        raise CodecError(
+            f"layer '{name}': bitmask has {len(array.data)} bytes, expected {math.ceil(size / 8)} for {size} weights"
+        )
+    bits = np.unpackbits(np.frombuffer(array.data, dtype=np.uint8))
+    if bits[size:].any():
+        raise CodecError(f"layer '{name}': bitmask padding bits are not zero")
+    return torch.from_numpy(bits[:size].astype(bool)).view(shape)
+
+
+def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.Tensor) -> torch.Tensor:
+    if array.stype != VALUES_STYPE:
+        raise CodecError(f"layer '{name}': sparse values expected stype '{VALUES_STYPE}', got '{array.stype}'")
+    if array.dtype not in VALUE_DTYPES:
+        raise CodecError(f"layer '{name}': value dtype '{array.dtype}' not in {sorted(VALUE_DTYPES)}")
+    if tuple(array.shape) != shape:
+        raise CodecError(f"layer '{name}': shape {tuple(array.shape)}, expected {shape}")
+    dtype = VALUE_DTYPES[array.dtype]
+    if len(array.data) % dtype.itemsize:
+        raise CodecError(f"layer '{name}': {len(array.data)} value bytes is not a multiple of {dtype.itemsize}")
+    active = int(mask.sum())
+    if len(array.data) // dtype.itemsize != active:
+        raise CodecError(
+            f"layer '{name}': {len(array.data) // dtype.itemsize} values but the mask has {active} active weights"
+        )
+    values = np.frombuffer(array.data, dtype=dtype)
+    _check_finite(name, values)
+    dense = torch.zeros(math.prod(shape), dtype=torch.float32)
+    dense[mask.flatten()] = torch.from_numpy(values.astype(np.float32))
+    return dense.view(shape)
+
+
+def _check_finite(name: str, values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise CodecError(f"layer '{name}': values contain NaN or Inf")
+
+
+def masks_to_record(masks: Masks) -> ArrayRecord:
+    """Pack masks into bitmask Arrays (to keep them in a node's Context state)."""
+    return ArrayRecord({name: _pack_mask(mask) for name, mask in masks.items()})
+
+
+def masks_from_record(record: ArrayRecord, shapes: Shapes) -> Masks:
+    """Inverse of masks_to_record, validated against the layer shapes."""
+    if set(record) != set(shapes):
+        raise CodecError(f"stored masks cover {sorted(record)}, expected {sorted(shapes)}")
+    return {name: _decode_mask(name, record[name], shape) for name, shape in shapes.items()}

@@ -1,0 +1,122 @@
+"""Typed, validated view of the run config (`[tool.flwr.app.config]`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "feddst", "feddst-prox", "randommask")
+SPARSE_STRATEGIES = ("feddst", "feddst-prox", "randommask")
+DISTRIBUTIONS = ("erk", "er", "uniform")
+VALUE_DTYPES = ("float32", "float16")
+
+
+class ConfigError(ValueError):
+    """A run-config key is missing or has a bad value."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """All run-config keys; defaults live in pyproject.toml, documented in README."""
+
+    strategy: str
+    num_server_rounds: int
+    fraction_train: float
+    clients_per_round: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    proximal_mu: float
+    server_momentum: float
+    sparsity: float
+    sparsity_distribution: str
+    alpha: float
+    delta_r: int
+    r_end: int
+    grow_batches: int
+    min_votes: int
+    value_dtype: str
+    dataset: str
+    test_fraction: float
+    model: str
+    eval_interval: int
+    seed: int
+    results_dir: str
+    run_name: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from Flower's run config (kebab-case keys); every key is required."""
+        values = {}
+        for field in fields(cls):
+            key = field.name.replace("_", "-")
+            if key not in run_config:
+                raise ConfigError(f"run config is missing key '{key}'")
+            values[field.name] = _coerce(key, run_config[key], field.type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.strategy in SPARSE_STRATEGIES
+
+    @property
+    def readjust_end(self) -> int:
+        """R_end: last round that may readjust masks (0 in config = half the rounds)."""
+        return self.r_end if self.r_end > 0 else self.num_server_rounds // 2
+
+    @property
+    def effective_alpha(self) -> float:
+        """randommask is FedDST with alpha = 0 (the random ERK mask never moves)."""
+        return 0.0 if self.strategy == "randommask" else self.alpha
+
+    @property
+    def effective_mu(self) -> float:
+        """Proximal coefficient: only fedprox and feddst-prox use one."""
+        return self.proximal_mu if self.strategy in ("fedprox", "feddst-prox") else 0.0
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.strategy}-{self.dataset}-seed{self.seed}"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key."""
+        checks = [
+            (self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}"),
+            (self.num_server_rounds >= 1, "num-server-rounds", ">= 1"),
+            (0.0 < self.fraction_train <= 1.0, "fraction-train", "in (0, 1]"),
+            (self.clients_per_round >= 0, "clients-per-round", ">= 0 (0: use fraction-train)"),
+            (self.local_epochs >= 1, "local-epochs", ">= 1"),
+            (self.batch_size >= 1, "batch-size", ">= 1"),
+            (self.lr > 0, "lr", "> 0"),
+            (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight-decay", ">= 0"),
+            (self.proximal_mu >= 0, "proximal-mu", ">= 0"),
+            (0.0 <= self.server_momentum < 1.0, "server-momentum", "in [0, 1)"),
+            (0.0 <= self.sparsity < 1.0, "sparsity", "in [0, 1)"),
+            (self.sparsity_distribution in DISTRIBUTIONS, "sparsity-distribution", f"one of {DISTRIBUTIONS}"),
+            (0.0 <= self.alpha < 1.0, "alpha", "in [0, 1)"),
+            (self.delta_r >= 1, "delta-r", ">= 1"),
+            (self.r_end >= 0, "r-end", ">= 0 (0: half the rounds)"),
+            (self.grow_batches >= 1, "grow-batches", ">= 1"),
+            (self.min_votes >= 1, "min-votes", ">= 1"),
+            (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {VALUE_DTYPES}"),
+            (0.0 < self.test_fraction < 1.0, "test-fraction", "in (0, 1)"),
+            (self.eval_interval >= 1, "eval-interval", ">= 1"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise ConfigError(f"run config '{key}' = {getattr(self, key.replace('-', '_'))!r}: expected {expected}")
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """Convert a TOML value to the field's type; ints are accepted for floats."""
+    kind = {"int": int, "float": float, "str": str}[annotation]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"run config '{key}' = {value!r}: expected {annotation}")
+    return value

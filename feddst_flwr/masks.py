@@ -1,0 +1,154 @@
+"""Sparse masks: layer-wise sparsity (ERK/ER/uniform), random init, prune and regrow,
+the readjustment schedule (Algorithm 1, steps 1 and 4) and the server's re-prune (step 6)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor of the weight's shape
+Shapes = dict[str, tuple[int, ...]]
+
+
+def maskable_names(model: nn.Module) -> list[str]:
+    """Names of the conv/linear weight tensors; biases and norm parameters stay dense."""
+    return [
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    ]
+
+
+def _raw_density(shape: tuple[int, ...], distribution: str) -> float:
+    """Unnormalised density of one layer: ERK counts kernel dims, ER only fan-in/out."""
+    if distribution == "erk":
+        return sum(shape) / math.prod(shape)
+    if distribution == "er":
+        fan_out, fan_in = shape[0], shape[1]
+        return (fan_in + fan_out) / (fan_in * fan_out)
+    if distribution == "uniform":
+        return 1.0
+    raise ValueError(f"unknown sparsity distribution '{distribution}' (erk, er, uniform)")
+
+
+def layer_densities(shapes: Shapes, sparsity: float, distribution: str = "erk") -> dict[str, float]:
+    """RigL's layer densities: proportional to the raw density, scaled so the global
+    density over all maskable weights is 1 - sparsity; layers that would exceed
+    density 1 stay dense and the others are rescaled."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: _raw_density(shape, distribution) for name, shape in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        target = (1.0 - sparsity) * sum(sizes.values()) - sum(sizes[n] for n in dense)
+        divisor = sum(raw[n] * sizes[n] for n in shapes if n not in dense)
+        scale = target / divisor
+        too_dense = {n for n in shapes if n not in dense and scale * raw[n] > 1.0 + 1e-9}
+        if not too_dense:
+            return {n: 1.0 if n in dense else min(1.0, scale * raw[n]) for n in shapes}
+        dense |= too_dense
+
+
+def layer_counts(shapes: Shapes, sparsity: float, distribution: str = "erk") -> dict[str, int]:
+    """Active weights per layer; they sum to exactly round((1 - sparsity) * n)."""
+    densities = layer_densities(shapes, sparsity, distribution)
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    exact = {n: densities[n] * sizes[n] for n in shapes}
+    counts = {n: min(sizes[n], math.floor(exact[n])) for n in shapes}
+    missing = round((1.0 - sparsity) * sum(sizes.values())) - sum(counts.values())
+    by_remainder = sorted(shapes, key=lambda n: exact[n] - counts[n], reverse=True)
+    for name in by_remainder:
+        if missing <= 0:
+            break
+        if counts[name] < sizes[name]:
+            counts[name] += 1
+            missing -= 1
+    return counts
+
+
+def random_masks(shapes: Shapes, counts: dict[str, int], seed: int) -> Masks:
+    """Uniformly random masks with exactly counts[name] active weights per layer."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, shape in shapes.items():
+        order = torch.randperm(math.prod(shape), generator=generator)
+        flat = torch.zeros(math.prod(shape), dtype=torch.bool)
+        flat[order[: counts[name]]] = True
+        masks[name] = flat.view(shape)
+    return masks
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest scores; ties go to the lower flat index (deterministic)."""
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+    flat = torch.zeros(scores.numel(), dtype=torch.bool)
+    flat[order[:k]] = True
+    return flat.view(scores.shape)
+
+
+def magnitude_prune(weights: dict[str, torch.Tensor], candidates: Masks, counts: dict[str, int]) -> Masks:
+    """Per layer, keep the counts[name] largest-magnitude weights among the candidates;
+    if fewer candidates exist, the rest is filled with non-candidates (value zero)
+    so every layer keeps its count exactly."""
+    masks = {}
+    for name, count in counts.items():
+        scores = torch.where(candidates[name], weights[name].abs().float(), torch.tensor(-1.0))
+        masks[name] = top_k_mask(scores, count)
+    return masks
+
+
+def prune_and_regrow(
+    weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], masks: Masks, alpha_r: float
+) -> Masks:
+    """Client readjustment: per layer, drop round(alpha_r * active) smallest-magnitude
+    active weights, then grow as many inactive positions with the largest dense-gradient
+    magnitude. Zeroes dropped and regrown weights in place; returns the new masks."""
+    new_masks = {}
+    for name, mask in masks.items():
+        active = int(mask.sum())
+        k = round(alpha_r * active)
+        kept = top_k_mask(torch.where(mask, weights[name].abs().float(), torch.tensor(-1.0)), active - k)
+        grow_scores = torch.where(kept, torch.tensor(-1.0), grads[name].abs().float())
+        grown = top_k_mask(grow_scores, k)
+        new_masks[name] = kept | grown
+        with torch.no_grad():
+            weights[name].mul_(kept)
+    return new_masks
+
+
+def apply_masks(weights: dict[str, torch.Tensor], masks: Masks) -> None:
+    """Zero every pruned weight in place."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weights[name].mul_(mask)
+
+
+def readjust_alpha(server_round: int, alpha: float, delta_r: int, r_end: int) -> float:
+    """alpha_r = alpha/2 (1 + cos(pi r / R_end)) on readjustment rounds (every delta_r
+    rounds up to R_end); 0 on every other round."""
+    if server_round > r_end or server_round % delta_r != 0:
+        return 0.0
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * server_round / r_end))
+
+
+def hamming(a: Masks, b: Masks) -> int:
+    """Number of positions where two mask sets differ."""
+    return sum(int((a[name] ^ b[name]).sum()) for name in a)
+
+
+def densities(masks: Masks) -> dict[str, float]:
+    """Fraction of active weights per layer."""
+    return {name: float(mask.float().mean()) for name, mask in masks.items()}
+
+
+def total_density(masks: Masks) -> float:
+    """Fraction of active weights over all maskable weights."""
+    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
+def shapes_of(state: dict[str, torch.Tensor], names: list[str]) -> Shapes:
+    """Shapes of the named tensors of a state dict."""
+    return {name: tuple(state[name].shape) for name in names}

@@ -1,0 +1,204 @@
+"""Measurements and reporting: payload bytes on the wire, forward FLOPs, and the per-round
+record written to `<results-dir>/<run-name>/metrics.jsonl`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from torch import nn
+
+from .codec import payload_bytes
+from .config import ExperimentConfig
+from .data import TensorData
+from .masks import Masks, densities, total_density
+from .strategy import RoundStats
+from .training import evaluate
+
+
+@dataclass
+class Traffic:
+    """Payload bytes counted by the server, and as reported by the clients themselves."""
+
+    download: int = 0
+    upload: int = 0
+    client_download: int = 0
+    client_upload: int = 0
+    messages: int = 0
+    replies: int = 0
+
+
+def message_bytes(message: Message) -> int:
+    """Payload bytes of a message: all its ArrayRecords (0 for an error reply)."""
+    if message.has_error():
+        return 0
+    return sum(payload_bytes(record) for record in message.content.array_records.values())
+
+
+class MeteredGrid(Grid):
+    """A Grid that counts the payload bytes of every message sent and every reply received,
+    identically in simulation and deployment. `take()` returns and resets the count."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.traffic = Traffic()
+
+    def take(self) -> Traffic:
+        traffic, self.traffic = self.traffic, Traffic()
+        return traffic
+
+    def _sent(self, messages: list[Message]) -> None:
+        self.traffic.download += sum(message_bytes(m) for m in messages)
+        self.traffic.messages += len(messages)
+
+    def _received(self, replies: list[Message]) -> None:
+        for reply in replies:
+            self.traffic.upload += message_bytes(reply)
+            self.traffic.replies += 1
+            if not reply.has_error() and "metrics" in reply.content.metric_records:
+                metrics = reply.content.metric_records["metrics"]
+                self.traffic.client_upload += int(metrics.get("upload-bytes", 0))
+                self.traffic.client_download += int(metrics.get("download-bytes", 0))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self._sent(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self._received(replies)
+        return replies
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._sent(messages)
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
+        self._received(replies)
+        return replies
+
+    def set_run(self, run_id):  # type: ignore[no-untyped-def]
+        return self.grid.set_run(run_id)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+
+def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
+    """FLOPs (2 x multiply-adds) of one forward pass of one sample through the conv and
+    linear layers, counting only active weights when masks are given."""
+    macs = 0
+    hooks = []
+
+    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor, name: str) -> None:
+        nonlocal macs
+        active = int(masks[name].sum()) if masks and name in masks else module.weight.numel()
+        positions = output[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
+        macs += active * positions
+
+    for mod_name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            name = f"{mod_name}.weight"
+            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
+    with torch.no_grad():
+        model.eval()
+        model(torch.zeros(1, *model.input_shape))
+    for handle in hooks:
+        handle.remove()
+    return 2 * macs
+
+
+class RoundRecorder:
+    """Flower `evaluate_fn`: after every round, evaluate the global model (every
+    eval-interval rounds), collect traffic and mask statistics, append one JSON line to
+    metrics.jsonl and log one line."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        model: nn.Module,
+        test_data: TensorData,
+        grid: MeteredGrid,
+        mask_state: Callable[[], tuple[Masks, RoundStats]] | None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.test_data = test_data
+        self.grid = grid
+        self.mask_state = mask_state
+        self.run_dir = Path(cfg.results_dir) / cfg.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        self.path = self.run_dir / "metrics.jsonl"
+        self.path.write_text("")
+        self.dense_flops = forward_flops(model)
+        self.cumulative = Traffic()
+        self.started = time.time()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        record: dict = {"round": server_round}
+        if server_round % self.cfg.eval_interval == 0 or server_round == self.cfg.num_server_rounds:
+            record["test-loss"], record["test-accuracy"] = evaluate(self.model, self.test_data)
+        record.update(self._traffic())
+        record.update(self._sparsity())
+        record["wall-time"] = time.time() - self.started
+        with self.path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        log(INFO, self._line(record))
+        return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def _traffic(self) -> dict:
+        traffic = self.grid.take()
+        for key, value in asdict(traffic).items():
+            setattr(self.cumulative, key, getattr(self.cumulative, key) + value)
+        return {
+            "upload-bytes": traffic.upload,
+            "download-bytes": traffic.download,
+            "client-upload-bytes": traffic.client_upload,
+            "client-download-bytes": traffic.client_download,
+            "cum-upload-bytes": self.cumulative.upload,
+            "cum-download-bytes": self.cumulative.download,
+            "replies": traffic.replies,
+            "failures": traffic.messages - traffic.replies,
+        }
+
+    def _sparsity(self) -> dict:
+        if self.mask_state is None:
+            return {"density": 1.0, "flops": self.dense_flops, "dense-flops": self.dense_flops}
+        masks, stats = self.mask_state()
+        return {
+            "density": total_density(masks),
+            "layer-density": densities(masks),
+            "mask-version": stats.mask_version,
+            "mask-changed": stats.mask_changed,
+            "readjust-alpha": stats.readjust_alpha,
+            "rejected": len(stats.failures),
+            "flops": forward_flops(self.model, masks),
+            "dense-flops": self.dense_flops,
+        }
+
+    def _line(self, r: dict) -> str:
+        accuracy = f"acc {r['test-accuracy']:.4f} loss {r['test-loss']:.4f}" if "test-accuracy" in r else "acc -"
+        mask = f" | mask v{r['mask-version']} changed {r['mask-changed']}" if "mask-version" in r else ""
+        return (
+            f"[round {r['round']}/{self.cfg.num_server_rounds}] {accuracy} | up {r['upload-bytes'] / 1024:.1f} KiB"
+            f" (cum {r['cum-upload-bytes'] / 2**20:.2f} MiB) down {r['download-bytes'] / 1024:.1f} KiB"
+            f" (cum {r['cum-download-bytes'] / 2**20:.2f} MiB) | density {r['density']:.3f}{mask}"
+            f" | FLOPs {r['flops'] / r['dense-flops']:.3f}x dense"
+        )

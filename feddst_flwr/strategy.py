@@ -1,0 +1,252 @@
+"""The FedDST server strategy (Algorithm 1, steps 1, 2, 6 and 7) on Flower's Message API."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
+
+from .aggregation import ClientUpdate, aggregate
+from .codec import CodecError, decode, encode
+from .config import ExperimentConfig
+from .masks import Masks, apply_masks, hamming, layer_counts, random_masks, readjust_alpha
+
+
+@dataclass
+class RoundStats:
+    """What the last aggregation did to the global mask."""
+
+    mask_version: int = 0
+    mask_changed: int = 0  # Hamming distance between the old and the new global mask
+    readjust_alpha: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+class FedDST(Strategy):
+    """Federated Dynamic Sparse Training (Bibikar et al., AAAI 2022).
+
+    Parameters
+    ----------
+    maskable : list[str]
+        State-dict names of the weight tensors to sparsify (conv/linear weights).
+    sparsity : float (default: 0.8)
+        Global sparsity S over the maskable weights.
+    distribution : str (default: "erk")
+        Layer-wise sparsity: "erk", "er" or "uniform".
+    alpha : float (default: 0.05)
+        Initial readjustment ratio; alpha_r = alpha/2 (1 + cos(pi r / r_end)). 0: fixed mask.
+    delta_r : int (default: 10)
+        Rounds between readjustments.
+    r_end : int (default: 100)
+        Last round that may readjust.
+    fraction_train : float (default: 1.0)
+        Fraction of connected nodes sampled per round (without replacement).
+    clients_per_round : int (default: 0)
+        If > 0, sample exactly this many nodes instead of a fraction.
+    min_train_nodes, min_available_nodes : int (default: 2)
+        As in Flower's FedAvg.
+    proximal_mu : float (default: 0.0)
+        FedProx coefficient sent to clients as "proximal-mu".
+    min_votes : int (default: 1)
+        A weight kept by fewer clients than this is zero after aggregation.
+    value_dtype : str (default: "float32")
+        Wire dtype of the sparse values ("float32" or "float16").
+    seed : int (default: 0)
+        Seeds the initial mask and the node sampling.
+    """
+
+    # pylint: disable=too-many-arguments,too-many-instance-attributes
+    def __init__(
+        self,
+        maskable: list[str],
+        sparsity: float = 0.8,
+        distribution: str = "erk",
+        alpha: float = 0.05,
+        delta_r: int = 10,
+        r_end: int = 100,
+        fraction_train: float = 1.0,
+        clients_per_round: int = 0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        proximal_mu: float = 0.0,
+        min_votes: int = 1,
+        value_dtype: str = "float32",
+        seed: int = 0,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+    ) -> None:
+        self.maskable = list(maskable)
+        self.sparsity = sparsity
+        self.distribution = distribution
+        self.alpha = alpha
+        self.delta_r = delta_r
+        self.r_end = r_end
+        self.fraction_train = fraction_train
+        self.clients_per_round = clients_per_round
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.proximal_mu = proximal_mu
+        self.min_votes = min_votes
+        self.value_dtype = value_dtype
+        self.seed = seed
+        self.weighted_by_key = weighted_by_key
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        self.rng = random.Random(seed)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.counts: dict[str, int] = {}
+        self.masks: Masks = {}
+        self.mask_version = 0
+        self.delivered: dict[int, int] = {}  # node id -> mask version it holds
+        self.stats = RoundStats()
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "\t├──> FedDST: S=%.3f (%s), alpha=%.3f, delta-r=%d, r-end=%d, min-votes=%d",
+            self.sparsity, self.distribution, self.alpha, self.delta_r, self.r_end, self.min_votes)
+        log(INFO, "\t└──> Sampling: fraction %.2f, clients-per-round %d, seed %d",
+            self.fraction_train, self.clients_per_round, self.seed)
+
+    def initialize(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Step 1: draw the random ERK mask and prune the initial weights with it."""
+        state = arrays.to_torch_state_dict()
+        unknown = sorted(set(self.maskable) - set(state))
+        if unknown:
+            raise ValueError(f"maskable layers {unknown} are not in the initial arrays")
+        self.shapes = {name: tuple(t.shape) for name, t in state.items()}
+        maskable_shapes = {name: self.shapes[name] for name in self.maskable}
+        self.counts = layer_counts(maskable_shapes, self.sparsity, self.distribution)
+        self.masks = random_masks(maskable_shapes, self.counts, self.seed)
+        apply_masks(state, self.masks)
+        return ArrayRecord(state)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        """Initialise the sparse model, then run Flower's round loop."""
+        return super().start(grid, self.initialize(initial_arrays), *args, **kwargs)
+
+    def sample(self, grid: Grid) -> list[int]:
+        """Step 2: sample nodes without replacement with the strategy's seeded RNG."""
+        connected = len(list(grid.get_node_ids()))
+        size = self.clients_per_round or max(int(connected * self.fraction_train), self.min_train_nodes)
+        _, all_nodes = sample_nodes(grid, self.min_available_nodes, size)  # waits for nodes
+        return self.rng.sample(sorted(all_nodes), size)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Step 2 and 7: global values for every node, the mask bits only for nodes that
+        do not hold the current mask version."""
+        state = arrays.to_torch_state_dict()
+        alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.r_end)
+        self.stats = RoundStats(self.mask_version, 0, alpha_r)
+        config = ConfigRecord(
+            {
+                **config,
+                "server-round": server_round,
+                "mask-version": self.mask_version,
+                "readjust-alpha": alpha_r,
+                "proximal-mu": self.proximal_mu,
+            }
+        )
+        payloads: dict[bool, ArrayRecord] = {}
+        messages = []
+        for node_id in self.sample(grid):
+            send_mask = self.delivered.get(node_id) != self.mask_version
+            if send_mask not in payloads:
+                payloads[send_mask] = encode(state, self.masks, send_mask, self.value_dtype)
+            content = RecordDict({self.arrayrecord_key: payloads[send_mask], self.configrecord_key: config})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+        log(INFO, "configure_train: %d nodes, %d get the mask (version %d), alpha_r=%.4f",
+            len(messages), sum(1 for m in messages if self.delivered.get(m.metadata.dst_node_id) != self.mask_version),
+            self.mask_version, alpha_r)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Step 6: decode every reply, sparse weighted average, re-prune to S."""
+        updates, contents = [], []
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            try:
+                updates.append(self._decode_reply(reply))
+            except CodecError as err:
+                self.delivered.pop(node_id, None)
+                self.stats.failures.append(f"node {node_id}: {err}")
+                log(WARNING, "aggregate_train: rejected reply from node %d: %s", node_id, err)
+                continue
+            self.delivered[node_id] = self.mask_version
+            contents.append(reply.content)
+        if not updates:
+            return None, None
+        state, masks = aggregate(updates, self.counts, self.min_votes)
+        self.stats.mask_changed = hamming(masks, self.masks)
+        if self.stats.mask_changed:
+            self.mask_version += 1
+        self.stats.mask_version = self.mask_version
+        self.masks = masks
+        return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)
+
+    def _decode_reply(self, reply: Message) -> ClientUpdate:
+        """Validate one reply; CodecError names the problem."""
+        if reply.has_error():
+            raise CodecError(f"client error: {reply.error.reason}")
+        content = reply.content
+        if self.arrayrecord_key not in content.array_records or "metrics" not in content.metric_records:
+            raise CodecError(f"reply lacks the '{self.arrayrecord_key}' arrays or the 'metrics' record")
+        num_examples = content.metric_records["metrics"].get(self.weighted_by_key)
+        if not isinstance(num_examples, int) or num_examples <= 0:
+            raise CodecError(f"'{self.weighted_by_key}' must be a positive int, got {num_examples!r}")
+        decoded = decode(content.array_records[self.arrayrecord_key], self.shapes, self.maskable, self.masks)
+        return ClientUpdate(decoded.state, decoded.masks, num_examples)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedDST evaluates the global model centrally (pass `evaluate_fn` to `start`)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """No federated evaluation (see configure_evaluate)."""
+        return None
+
+
+def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
+    """The run config's strategy: FedDST (feddst, feddst-prox, randommask) or Flower's own
+    FedAvg / FedAvgM / FedProx. All evaluate centrally, so federated evaluation is off."""
+    sampling = {
+        # Flower samples max(int(n * fraction), min_train_nodes): a fixed count rides on the minimum
+        "fraction_train": cfg.fraction_train if not cfg.clients_per_round else 1e-9,
+        "min_train_nodes": cfg.clients_per_round or 2,
+        "min_available_nodes": max(cfg.clients_per_round, 2),
+    }
+    if cfg.strategy == "fedavg":
+        return FedAvg(fraction_evaluate=0.0, **sampling)
+    if cfg.strategy == "fedavgm":
+        return FedAvgM(fraction_evaluate=0.0, server_momentum=cfg.server_momentum, **sampling)
+    if cfg.strategy == "fedprox":
+        return FedProx(fraction_evaluate=0.0, proximal_mu=cfg.proximal_mu, **sampling)
+    return FedDST(
+        maskable,
+        sparsity=cfg.sparsity,
+        distribution=cfg.sparsity_distribution,
+        alpha=cfg.effective_alpha,
+        delta_r=cfg.delta_r,
+        r_end=cfg.readjust_end,
+        fraction_train=cfg.fraction_train,
+        clients_per_round=cfg.clients_per_round,
+        min_available_nodes=sampling["min_available_nodes"],
+        proximal_mu=cfg.effective_mu,
+        min_votes=cfg.min_votes,
+        value_dtype=cfg.value_dtype,
+        seed=cfg.seed,
+    )

@@ -1,0 +1,87 @@
+"""Local training (Algorithm 1, step 3): masked SGD with optional proximal term, the dense
+task-loss gradient used for regrowth (step 4), and evaluation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .data import TensorData
+from .masks import Masks, apply_masks
+
+
+def batches(data: TensorData, batch_size: int, generator: torch.Generator | None):
+    """Yield (x, y) minibatches, reshuffled on every call when a generator is given."""
+    order = torch.randperm(len(data), generator=generator) if generator is not None else torch.arange(len(data))
+    for start in range(0, len(data), batch_size):
+        index = order[start : start + batch_size]
+        yield data.x[index], data.y[index]
+
+
+def train(
+    model: nn.Module,
+    data: TensorData,
+    masks: Masks | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    proximal_mu: float,
+    generator: torch.Generator,
+) -> float:
+    """E epochs of SGD; with masks, pruned weights get no gradient and are re-zeroed after
+    every step, so neither gradients, momentum nor weight decay revive them.
+    Returns the mean task loss over all steps."""
+    masks = masks or {}
+    params = dict(model.named_parameters())
+    global_params = {name: p.detach().clone() for name, p in params.items()} if proximal_mu > 0 else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for x, y in batches(data, batch_size, generator):
+            optimizer.zero_grad()
+            task_loss = F.cross_entropy(model(x), y)
+            loss = task_loss
+            if proximal_mu > 0:
+                loss = loss + proximal_mu / 2 * sum((params[n] - g).pow(2).sum() for n, g in global_params.items())
+            loss.backward()
+            for name, mask in masks.items():
+                params[name].grad.mul_(mask)
+            optimizer.step()
+            apply_masks({name: params[name] for name in masks}, masks)
+            total += task_loss.item()
+            steps += 1
+    return total / max(steps, 1)
+
+
+def dense_gradients(
+    model: nn.Module, data: TensorData, names: list[str], num_batches: int, batch_size: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Gradient of the task loss (no proximal term) w.r.t. the full weight tensors,
+    pruned positions included, summed over num_batches minibatches."""
+    params = dict(model.named_parameters())
+    model.train()
+    model.zero_grad()
+    for i, (x, y) in enumerate(batches(data, batch_size, generator)):
+        if i == num_batches:
+            break
+        F.cross_entropy(model(x), y).backward()
+    grads = {name: params[name].grad.detach().clone() for name in names}
+    model.zero_grad()
+    return grads
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, batch_size: int = 512) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) on a dataset."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for x, y in batches(data, batch_size, None):
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+    return loss / len(data), correct / len(data)

@@ -1,0 +1,162 @@
+"""Unit tests for feddst_flwr.aggregation: sparse weighted average and re-prune.
+
+Three hand-made clients, one masked layer "w" of shape (2, 3) (flat positions 0..5)
+and a dense bias "b" of shape (2,):
+
+    position     0     1     2     3     4      5
+    A (n=10)   1.0  -1.0    -     -     -     0.5
+    B (n=30)   2.0   3.0    -     -   -0.25    -
+    C (n=60)    -    1.0    -   -4.0    -     2.0      ("-": pruned by that client)
+
+Averages over the clients that kept each weight:
+    0: (10*1 + 30*2) / 40            = 1.75
+    1: (10*-1 + 30*3 + 60*1) / 100   = 1.4
+    2: nobody kept it                = 0
+    3: C only                        = -4.0
+    4: B only                        = -0.25
+    5: (10*0.5 + 60*2) / 70          = 125/70
+Bias over all clients: A [1, 0], B [0, 2], C [2, 1] ->
+    [(10 + 0 + 120) / 100, (0 + 60 + 60) / 100] = [1.3, 1.2]
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feddst_flwr.aggregation import ClientUpdate, aggregate, sparse_average
+
+NAN = float("nan")  # marks a pruned position in the tables below
+SHAPE = (2, 3)
+
+
+def client(values: list[float], bias: list[float], num_examples: int, stale: float = 0.0) -> ClientUpdate:
+    """A client update; pruned positions (NaN in `values`) hold `stale` in its state."""
+    flat = torch.tensor(values, dtype=torch.float32)
+    mask = ~flat.isnan()
+    weights = torch.where(mask, flat, torch.tensor(stale))
+    return ClientUpdate(
+        state={"w": weights.view(SHAPE), "b": torch.tensor(bias)},
+        masks={"w": mask.view(SHAPE)},
+        num_examples=num_examples,
+    )
+
+
+def three_clients(stale: float = 0.0) -> list[ClientUpdate]:
+    return [
+        client([1.0, -1.0, NAN, NAN, NAN, 0.5], [1.0, 0.0], 10, stale),
+        client([2.0, 3.0, NAN, NAN, -0.25, NAN], [0.0, 2.0], 30, stale),
+        client([NAN, 1.0, NAN, -4.0, NAN, 2.0], [2.0, 1.0], 60, stale),
+    ]
+
+
+AVERAGED_W = [1.75, 1.4, 0.0, -4.0, -0.25, 125 / 70]
+AVERAGED_B = [1.3, 1.2]
+
+
+def flat(tensor: torch.Tensor) -> list[float]:
+    return tensor.flatten().tolist()
+
+
+def positions(mask: torch.Tensor) -> list[int]:
+    return mask.flatten().nonzero().flatten().tolist()
+
+
+# --------------------------------------------------------------------------- sparse average
+
+
+def test_two_clients_weighted_by_samples():
+    updates = [
+        client([1.0, NAN, NAN, NAN, NAN, NAN], [0.0, 0.0], 10),
+        client([5.0, NAN, NAN, NAN, NAN, NAN], [4.0, 8.0], 30),
+    ]
+    state, _ = sparse_average(updates)
+    assert state["w"][0, 0].item() == pytest.approx((10 * 1.0 + 30 * 5.0) / 40)
+    assert flat(state["b"]) == pytest.approx([30 * 4.0 / 40, 30 * 8.0 / 40])
+
+
+def test_sparse_average_only_counts_clients_that_kept_a_weight():
+    state, voted = sparse_average(three_clients())
+    assert flat(state["w"]) == pytest.approx(AVERAGED_W, rel=1e-6)
+    assert positions(voted["w"]) == [0, 1, 3, 4, 5]
+
+
+def test_pruned_positions_do_not_vote_even_with_stale_values():
+    state, _ = sparse_average(three_clients(stale=100.0))
+    assert flat(state["w"]) == pytest.approx(AVERAGED_W, rel=1e-6)
+
+
+def test_weight_nobody_kept_is_zero():
+    state, voted = sparse_average(three_clients(stale=100.0))
+    assert state["w"].flatten()[2].item() == 0.0
+    assert not voted["w"].flatten()[2]
+
+
+def test_dense_tensors_weighted_over_all_clients():
+    state, voted = sparse_average(three_clients())
+    assert flat(state["b"]) == pytest.approx(AVERAGED_B, rel=1e-6)
+    assert "b" not in voted
+
+
+def test_outputs_are_float32_with_original_shapes():
+    state, voted = sparse_average(three_clients())
+    assert state["w"].dtype == torch.float32 and tuple(state["w"].shape) == SHAPE
+    assert state["b"].dtype == torch.float32 and tuple(state["b"].shape) == (2,)
+    assert voted["w"].dtype == torch.bool and tuple(voted["w"].shape) == SHAPE
+
+
+def test_min_votes_zeroes_weights_kept_by_too_few_clients():
+    state, voted = sparse_average(three_clients(), min_votes=2)
+    # positions 3 (C only) and 4 (B only) lose; 0, 1 and 5 keep their averages
+    assert flat(state["w"]) == pytest.approx([1.75, 1.4, 0.0, 0.0, 0.0, 125 / 70], rel=1e-6)
+    assert positions(voted["w"]) == [0, 1, 5]
+    assert flat(state["b"]) == pytest.approx(AVERAGED_B, rel=1e-6)  # dense: no votes
+
+
+def test_min_votes_three_needs_every_client():
+    state, voted = sparse_average(three_clients(), min_votes=3)
+    assert positions(voted["w"]) == [1]
+    assert flat(state["w"]) == pytest.approx([0.0, 1.4, 0.0, 0.0, 0.0, 0.0], rel=1e-6)
+
+
+def test_single_client_is_returned_unchanged():
+    update = three_clients()[2]
+    state, voted = sparse_average([update])
+    assert torch.equal(state["w"], update.state["w"])
+    assert torch.equal(state["b"], update.state["b"])
+    assert torch.equal(voted["w"], update.masks["w"])
+
+
+def test_no_updates_is_an_error():
+    with pytest.raises(ValueError):
+        sparse_average([])
+
+
+# --------------------------------------------------------------------------- aggregate (re-prune)
+
+
+def test_aggregate_reprunes_to_count_by_magnitude():
+    # |averages| at voted positions: 3: 4.0, 5: 1.786, 0: 1.75, 1: 1.4, 4: 0.25
+    state, masks = aggregate(three_clients(), {"w": 3})
+    assert positions(masks["w"]) == [0, 3, 5]
+    assert flat(state["w"]) == pytest.approx([1.75, 0.0, 0.0, -4.0, 0.0, 125 / 70], rel=1e-6)
+    assert flat(state["b"]) == pytest.approx(AVERAGED_B, rel=1e-6)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 4, 5])
+def test_aggregate_keeps_exact_count_and_zeroes_the_rest(count):
+    state, masks = aggregate(three_clients(), {"w": count})
+    assert int(masks["w"].sum()) == count
+    assert (state["w"][~masks["w"]] == 0).all()
+    kept = sorted(abs(v) for v in state["w"][masks["w"]].tolist())
+    dropped = [abs(v) for i, v in enumerate(AVERAGED_W) if not masks["w"].flatten()[i]]
+    assert all(k >= d for k in kept for d in dropped)
+
+
+def test_aggregate_fills_count_when_too_few_weights_got_votes():
+    # only 0, 1 and 5 get two votes; a fourth slot comes from the zero positions
+    state, masks = aggregate(three_clients(), {"w": 4}, min_votes=2)
+    assert int(masks["w"].sum()) == 4
+    assert masks["w"].flatten()[[0, 1, 5]].all()
+    assert positions(masks["w"]) == [0, 1, 2, 5]  # fill by lowest index
+    assert flat(state["w"]) == pytest.approx([1.75, 1.4, 0.0, 0.0, 0.0, 125 / 70], rel=1e-6)

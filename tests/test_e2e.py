@@ -1,0 +1,129 @@
+"""End to end: `flwr run` (local SuperLink, Ray simulation) with FedDST and with Flower's
+FedAvg through the same client app; the run learns and the logged byte counts equal the
+codec's prediction."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from feddst_flwr.masks import layer_counts, maskable_names, readjust_alpha
+from feddst_flwr.models import DigitsCNN
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = 5
+PORT = "39191"  # away from a developer's own local SuperLink (39091)
+FEDDST = {"num-server-rounds": 5, "delta-r": 2, "r-end": 5, "alpha": 0.2}
+
+
+def flwr_run(home: Path, results: Path, run_name: str, overrides: dict) -> list[dict]:
+    """Run the app with `flwr run --stream` and return its metrics.jsonl records."""
+    settings = {"clients-per-round": NODES, "results-dir": str(results), "run-name": run_name, **overrides}
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": PORT,
+        "FLWR_LOCAL_CONTROL_API_PORT": str(int(PORT) + 2),
+    }
+    flwr = Path(sys.executable).with_name("flwr")
+    done = subprocess.run(
+        [str(flwr), "run", str(ROOT), "--run-config", run_config, "--stream"],
+        env=env, capture_output=True, text=True, timeout=400,
+    )
+    path = results / run_name / "metrics.jsonl"
+    assert done.returncode == 0 and path.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def superlink_pids(home: Path) -> list[int]:
+    """PIDs of the background SuperLink that `flwr run` started for this FLWR_HOME."""
+    found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flwr-home")
+    results = tmp_path_factory.mktemp("results")
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        f"options.num-supernodes = {NODES}\noptions.backend.client-resources.num-cpus = 1\n"
+    )
+    try:
+        yield {
+            "feddst": flwr_run(home, results, "feddst", FEDDST),
+            "fedavg": flwr_run(home, results, "fedavg", {"strategy": "fedavg", "num-server-rounds": 2}),
+        }
+    finally:
+        for pid in superlink_pids(home):
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(1)
+
+
+def dense_tensor_bytes(tensor: torch.Tensor) -> int:
+    buffer = io.BytesIO()
+    np.save(buffer, tensor.numpy(), allow_pickle=False)
+    return len(buffer.getvalue())
+
+
+def predicted_sizes() -> tuple[int, int, int, float]:
+    """(sparse payload without mask, bitmask bytes, dense payload, density) for DigitsCNN at S=0.8."""
+    state = DigitsCNN().state_dict()
+    maskable = maskable_names(DigitsCNN())
+    counts = layer_counts({n: tuple(state[n].shape) for n in maskable}, 0.8, "erk")
+    dense_part = sum(dense_tensor_bytes(t) for n, t in state.items() if n not in maskable)
+    values = 4 * sum(counts.values())
+    bitmask = sum(math.ceil(state[n].numel() / 8) for n in maskable)
+    density = sum(counts.values()) / sum(state[n].numel() for n in maskable)
+    return values + dense_part, bitmask, sum(dense_tensor_bytes(t) for t in state.values()), density
+
+
+def test_feddst_learns(runs):
+    records = runs["feddst"]
+    assert [r["round"] for r in records] == list(range(FEDDST["num-server-rounds"] + 1))
+    assert records[0]["test-accuracy"] < 0.2
+    assert records[-1]["test-accuracy"] >= 0.4
+    density = predicted_sizes()[3]
+    assert all(r["density"] == density and r["failures"] == 0 for r in records)
+    assert records[-1]["flops"] < 0.5 * records[-1]["dense-flops"]
+
+
+def test_feddst_bytes_match_codec(runs):
+    """Every node is sampled every round, so the mask travels down in round 1 and after
+    each round that changed the global mask, and up on every readjust round (2 and 4)."""
+    base, bitmask, _, _ = predicted_sizes()
+    records = runs["feddst"]
+    for previous, record in zip(records, records[1:]):
+        mask_down = record["round"] == 1 or previous["mask-changed"] > 0
+        mask_up = readjust_alpha(record["round"], FEDDST["alpha"], FEDDST["delta-r"], FEDDST["r-end"]) > 0
+        assert record["download-bytes"] == NODES * (base + bitmask * mask_down), record
+        assert record["upload-bytes"] == NODES * (base + bitmask * mask_up), record
+        assert record["client-download-bytes"] == record["download-bytes"]
+        assert record["client-upload-bytes"] == record["upload-bytes"]
+    assert [r["round"] for r in records if r["readjust-alpha"] > 0] == [2, 4]
+    assert records[2]["mask-changed"] > 0 and records[2]["mask-version"] == 1
+    assert records[-1]["cum-upload-bytes"] == sum(r["upload-bytes"] for r in records)
+
+
+def test_fedavg_through_the_same_client_app(runs):
+    _, _, dense, _ = predicted_sizes()
+    records = runs["fedavg"]
+    assert len(records) == 3
+    for record in records[1:]:
+        assert record["download-bytes"] == record["upload-bytes"] == NODES * dense
+        assert record["client-upload-bytes"] == record["upload-bytes"]
+        assert record["density"] == 1.0
+    assert records[-1]["test-accuracy"] > records[0]["test-accuracy"] + 0.2

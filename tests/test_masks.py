@@ -1,0 +1,333 @@
+"""Unit tests for feddst_flwr.masks: layer-wise sparsity, random masks, pruning,
+prune-and-regrow, the readjustment schedule and the small mask helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from feddst_flwr import masks as M
+
+CONV_AND_LINEAR = {"a": (4, 2, 3, 3), "b": (10, 72)}  # 72 and 720 weights
+
+
+def sizes(shapes: M.Shapes) -> dict[str, int]:
+    return {name: math.prod(shape) for name, shape in shapes.items()}
+
+
+def global_density(densities: dict[str, float], shapes: M.Shapes) -> float:
+    n = sizes(shapes)
+    return sum(densities[name] * n[name] for name in shapes) / sum(n.values())
+
+
+def mask_from_positions(shape: tuple[int, ...], positions: list[int]) -> torch.Tensor:
+    flat = torch.zeros(math.prod(shape), dtype=torch.bool)
+    flat[positions] = True
+    return flat.view(shape)
+
+
+def positions(mask: torch.Tensor) -> list[int]:
+    return mask.flatten().nonzero().flatten().tolist()
+
+
+# --------------------------------------------------------------------------- densities
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9])
+def test_erk_densities_match_rigl_rule(sparsity):
+    # raw ERK density sum(shape)/prod(shape): a -> 12/72, b -> 82/720
+    # eps * (12/72 * 72 + 82/720 * 720) = eps * (12 + 82) = (1 - S) * 792
+    eps = (1 - sparsity) * 792 / 94
+    expected = {"a": eps * 12 / 72, "b": eps * 82 / 720}
+    assert all(d < 1 for d in expected.values())  # no layer saturates in this case
+
+    densities = M.layer_densities(CONV_AND_LINEAR, sparsity, "erk")
+
+    assert densities == pytest.approx(expected, rel=1e-12)
+    assert global_density(densities, CONV_AND_LINEAR) == pytest.approx(1 - sparsity, rel=1e-12)
+
+
+def test_erk_small_layer_stays_dense_and_others_are_rescaled():
+    shapes = {"tiny": (2, 3), "big": (500, 400)}
+    # first pass: eps = 0.1 * 200006 / (5 + 900) -> tiny gets eps * 5/6 ~ 18.4 > 1
+    first_eps = 0.1 * 200_006 / (5 + 900)
+    assert first_eps * 5 / 6 > 1
+    # tiny is dense (6 weights); big alone must hold the rest of the budget
+    big_density = (0.1 * 200_006 - 6) / 200_000
+
+    densities = M.layer_densities(shapes, 0.9, "erk")
+
+    assert densities["tiny"] == 1.0
+    assert densities["big"] == pytest.approx(big_density, rel=1e-12)
+    assert global_density(densities, shapes) == pytest.approx(0.1, rel=1e-12)
+
+
+def test_er_ignores_kernel_dims():
+    # ER raw density (fan_in + fan_out) / (fan_in * fan_out) on shape[0], shape[1]:
+    # a -> 6/8 (times 72 weights = 54), b -> 82/720 (times 720 weights = 82)
+    sparsity = 0.8
+    eps = (1 - sparsity) * 792 / (54 + 82)
+    expected = {"a": eps * 6 / 8, "b": eps * 82 / 720}
+
+    densities = M.layer_densities(CONV_AND_LINEAR, sparsity, "er")
+
+    assert densities == pytest.approx(expected, rel=1e-12)
+    assert densities != pytest.approx(M.layer_densities(CONV_AND_LINEAR, sparsity, "erk"))
+
+
+def test_uniform_gives_every_layer_one_minus_s():
+    shapes = {**CONV_AND_LINEAR, "c": (2, 3)}
+    assert M.layer_densities(shapes, 0.7, "uniform") == pytest.approx({n: 0.3 for n in shapes}, rel=1e-12)
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_sparsity_out_of_range_is_rejected(sparsity):
+    with pytest.raises(ValueError, match="sparsity"):
+        M.layer_densities(CONV_AND_LINEAR, sparsity)
+
+
+def test_unknown_distribution_is_rejected():
+    with pytest.raises(ValueError, match="unknown sparsity distribution"):
+        M.layer_densities(CONV_AND_LINEAR, 0.5, "gaussian")
+
+
+@pytest.mark.parametrize("distribution", ["erk", "er", "uniform"])
+def test_zero_sparsity_of_a_representable_shape_is_fully_dense(distribution):
+    assert M.layer_densities(CONV_AND_LINEAR, 0.0, distribution) == {"a": 1.0, "b": 1.0}
+
+
+@pytest.mark.parametrize("distribution", ["erk", "er"])
+def test_zero_sparsity_is_fully_dense_for_any_shape(distribution):
+    # {"w": (9, 2)}: scale * raw = 1.0000000000000002 > 1.0 -> dense set == all layers
+    assert M.layer_densities({"w": (9, 2)}, 0.0, distribution) == {"w": 1.0}
+
+
+# --------------------------------------------------------------------------- counts
+
+COUNT_CASES = [
+    (CONV_AND_LINEAR, 0.5),
+    (CONV_AND_LINEAR, 0.8),
+    (CONV_AND_LINEAR, 0.95),
+    ({"tiny": (2, 3), "big": (500, 400)}, 0.9),
+    ({"x": (3, 3), "y": (7, 5, 2), "z": (1, 1), "w": (13, 11)}, 0.37),
+    ({"x": (3, 3), "y": (7, 5, 2), "z": (1, 1), "w": (13, 11)}, 0.99),
+    ({"only": (17, 19)}, 0.333),
+]
+
+
+@pytest.mark.parametrize("distribution", ["erk", "er", "uniform"])
+@pytest.mark.parametrize(("shapes", "sparsity"), COUNT_CASES)
+def test_layer_counts_sum_exactly_and_fit(shapes, sparsity, distribution):
+    counts = M.layer_counts(shapes, sparsity, distribution)
+    n = sizes(shapes)
+
+    assert set(counts) == set(shapes)
+    assert sum(counts.values()) == round((1 - sparsity) * sum(n.values()))
+    assert all(0 <= counts[name] <= n[name] for name in shapes)
+
+
+def test_layer_counts_follow_densities():
+    densities = M.layer_densities(CONV_AND_LINEAR, 0.8)
+    counts = M.layer_counts(CONV_AND_LINEAR, 0.8)
+    n = sizes(CONV_AND_LINEAR)
+    for name in CONV_AND_LINEAR:  # floor or ceil of the exact count
+        assert abs(counts[name] - densities[name] * n[name]) < 1
+
+
+def test_layer_counts_keep_saturated_layer_full():
+    assert M.layer_counts({"tiny": (2, 3), "big": (500, 400)}, 0.9)["tiny"] == 6
+
+
+# --------------------------------------------------------------------------- random masks
+
+
+def test_random_masks_have_exact_counts_and_shapes():
+    counts = {"a": 10, "b": 0, "c": 6}
+    shapes = {"a": (4, 2, 3, 3), "b": (5, 4), "c": (2, 3)}
+    masks = M.random_masks(shapes, counts, seed=3)
+    for name, shape in shapes.items():
+        assert masks[name].dtype == torch.bool
+        assert tuple(masks[name].shape) == shape
+        assert int(masks[name].sum()) == counts[name]
+
+
+def test_random_masks_are_seeded():
+    counts = M.layer_counts(CONV_AND_LINEAR, 0.8)
+    first = M.random_masks(CONV_AND_LINEAR, counts, seed=0)
+    again = M.random_masks(CONV_AND_LINEAR, counts, seed=0)
+    other = M.random_masks(CONV_AND_LINEAR, counts, seed=1)
+
+    assert M.hamming(first, again) == 0
+    assert M.hamming(first, other) > 0
+
+
+# --------------------------------------------------------------------------- top-k / magnitude prune
+
+
+def test_top_k_mask_keeps_largest_and_breaks_ties_by_lower_index():
+    scores = torch.tensor([[0.5, 2.0, 1.0], [2.0, -3.0, 1.0]])
+    assert positions(M.top_k_mask(scores, 2)) == [1, 3]
+    assert positions(M.top_k_mask(scores, 3)) == [1, 2, 3]  # 1.0 at 2 beats 1.0 at 5
+    assert int(M.top_k_mask(scores, 0).sum()) == 0
+    assert int(M.top_k_mask(scores, 6).sum()) == 6
+
+
+def test_magnitude_prune_keeps_largest_magnitudes_among_candidates():
+    weights = {"w": torch.tensor([[3.0, -5.0, 0.1], [-0.2, 4.0, 9.0]])}
+    candidates = {"w": mask_from_positions((2, 3), [0, 1, 2, 3, 4])}  # 9.0 at 5 is no candidate
+
+    mask = M.magnitude_prune(weights, candidates, {"w": 3})["w"]
+
+    assert positions(mask) == [0, 1, 4]  # |-5|, |4|, |3|
+
+
+def test_magnitude_prune_fills_from_non_candidates_when_too_few():
+    weights = {"w": torch.tensor([[3.0, -1.0, 2.0], [0.0, 4.0, 0.0]])}
+    candidates = {"w": mask_from_positions((2, 3), [1, 2])}
+
+    mask = M.magnitude_prune(weights, candidates, {"w": 4})["w"]
+
+    assert int(mask.sum()) == 4
+    assert mask.flatten()[[1, 2]].all()  # every candidate is kept
+    assert positions(mask) == [0, 1, 2, 3]  # fill: non-candidates by lowest index
+
+
+def test_magnitude_prune_keeps_zero_valued_candidate_before_non_candidates():
+    weights = {"w": torch.tensor([0.0, 7.0, 0.0])}
+    candidates = {"w": mask_from_positions((3,), [2])}
+    assert positions(M.magnitude_prune(weights, candidates, {"w": 1})["w"]) == [2]
+
+
+# --------------------------------------------------------------------------- prune and regrow
+
+
+def regrow_case():
+    """Layer "w" (2, 4): active 0..4, alpha_r = 0.4 -> k = round(2.0) = 2.
+    Drop the two smallest |w| among active: positions 3 (0.05) and 1 (-0.1).
+    Inactive after the drop: 1, 3, 5, 6, 7. Active position 0 has the largest |grad|
+    and must not be grown; grown are 6 (|g| = 5) and 3 (|g| = 4, just dropped).
+    Layer "d" (2, 2) fully active, k = round(0.4 * 4) = 2: the two dropped positions
+    (0 and 3) are the only inactive ones, so they are regrown at value zero."""
+    weights = {
+        "w": torch.tensor([[0.5, -0.1, 0.3, 0.05], [-0.9, 0.0, 0.0, 0.0]]),
+        "d": torch.tensor([[0.1, -2.0], [3.0, 0.2]]),
+    }
+    grads = {
+        "w": torch.tensor([[100.0, 0.2, -50.0, 4.0], [60.0, 1.0, -5.0, 0.5]]),
+        "d": torch.tensor([[0.0, 0.0], [0.0, 0.0]]),
+    }
+    masks = {"w": mask_from_positions((2, 4), [0, 1, 2, 3, 4]), "d": torch.ones(2, 2, dtype=torch.bool)}
+    return weights, grads, masks
+
+
+def test_prune_and_regrow_drops_smallest_and_grows_largest_gradient():
+    weights, grads, masks = regrow_case()
+    new = M.prune_and_regrow(weights, grads, masks, alpha_r=0.4)
+    assert positions(new["w"]) == [0, 2, 3, 4, 6]
+    assert positions(new["d"]) == [0, 1, 2, 3]
+
+
+def test_prune_and_regrow_keeps_active_count_per_layer():
+    weights, grads, masks = regrow_case()
+    new = M.prune_and_regrow(weights, grads, masks, alpha_r=0.4)
+    assert {n: int(m.sum()) for n, m in new.items()} == {n: int(m.sum()) for n, m in masks.items()}
+
+
+def test_prune_and_regrow_zeroes_dropped_and_grown_keeps_the_rest():
+    weights, grads, masks = regrow_case()
+    M.prune_and_regrow(weights, grads, masks, alpha_r=0.4)
+    # w: kept 0, 2, 4 unchanged; dropped 1, regrown 3 and 6 are zero
+    assert torch.equal(weights["w"], torch.tensor([[0.5, 0.0, 0.3, 0.0], [-0.9, 0.0, 0.0, 0.0]]))
+    # d: dropped (and regrown) 0 and 3 are zero, kept 1 and 2 unchanged
+    assert torch.equal(weights["d"], torch.tensor([[0.0, -2.0], [3.0, 0.0]]))
+
+
+def test_prune_and_regrow_zeroes_stale_values_at_grown_positions():
+    weights, grads, masks = regrow_case()
+    weights["w"][1, 2] = 7.0  # a pruned position holding a stale value, grown this step
+    new = M.prune_and_regrow(weights, grads, masks, alpha_r=0.4)
+    assert new["w"][1, 2]
+    assert weights["w"][1, 2] == 0.0
+
+
+def test_prune_and_regrow_with_zero_alpha_changes_nothing():
+    weights, grads, masks = regrow_case()
+    before = {n: w.clone() for n, w in weights.items()}
+    new = M.prune_and_regrow(weights, grads, masks, alpha_r=0.0)
+    assert M.hamming(new, masks) == 0
+    assert all(torch.equal(weights[n], before[n]) for n in weights)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize(
+    ("server_round", "expected"),
+    [
+        (5, 0.1 / 2 * (1 + math.cos(math.pi / 4))),
+        (10, 0.05),  # cos(pi/2) = 0
+        (15, 0.1 / 2 * (1 - math.cos(math.pi / 4))),
+        (20, 0.0),  # cos(pi) = -1
+        (1, 0.0),
+        (7, 0.0),  # not a multiple of delta_r
+        (25, 0.0),  # after r_end
+        (40, 0.0),
+    ],
+)
+def test_readjust_alpha_cosine_schedule(server_round, expected):
+    assert M.readjust_alpha(server_round, alpha=0.1, delta_r=5, r_end=20) == pytest.approx(expected, abs=1e-15)
+
+
+def test_readjust_alpha_off_when_alpha_zero():
+    assert M.readjust_alpha(5, alpha=0.0, delta_r=5, r_end=20) == 0.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_hamming_counts_differing_positions_over_layers():
+    a = {"x": mask_from_positions((2, 3), [0, 1]), "y": mask_from_positions((4,), [3])}
+    b = {"x": mask_from_positions((2, 3), [1, 2]), "y": mask_from_positions((4,), [0, 1])}
+    assert M.hamming(a, b) == 2 + 3
+    assert M.hamming(a, a) == 0
+
+
+def test_total_density_and_densities():
+    masks = {"x": mask_from_positions((2, 3), [0, 1, 2]), "y": mask_from_positions((10,), [4])}
+    assert M.total_density(masks) == pytest.approx(4 / 16)
+    assert M.densities(masks) == pytest.approx({"x": 0.5, "y": 0.1})
+
+
+def test_apply_masks_zeroes_pruned_only():
+    weights = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    M.apply_masks(weights, {"w": mask_from_positions((3,), [1])})
+    assert torch.equal(weights["w"], torch.tensor([0.0, -2.0, 0.0]))
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.bn = nn.BatchNorm2d(2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.seq = nn.Conv1d(2, 2, 1)
+
+
+def test_maskable_names_are_conv_and_linear_weights_only():
+    model = SmallNet()
+    names = M.maskable_names(model)
+    assert names == ["conv.weight", "head.1.weight", "head.3.weight", "seq.weight"]
+    assert set(names) <= set(model.state_dict())
+
+
+def test_shapes_of():
+    state = SmallNet().state_dict()
+    assert M.shapes_of(state, ["conv.weight", "head.1.weight"]) == {"conv.weight": (2, 1, 3, 3), "head.1.weight": (4, 8)}
+
+
+def test_maskable_names_of_a_bare_linear_match_its_state_dict():
+    model = nn.Linear(3, 2)
+    assert M.maskable_names(model) == ["weight"]
