@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from .data import DATASETS
+from .models import MODELS
+
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "feddst", "feddst-prox", "randommask")
 SPARSE_STRATEGIES = ("feddst", "feddst-prox", "randommask")
 DISTRIBUTIONS = ("erk", "er", "uniform")
@@ -104,7 +107,9 @@ class ExperimentConfig:
             (self.grow_batches >= 1, "grow-batches", ">= 1"),
             (self.min_votes >= 1, "min-votes", ">= 1"),
             (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {VALUE_DTYPES}"),
+            (self.dataset in DATASETS, "dataset", f"one of {DATASETS}"),
             (0.0 < self.test_fraction < 1.0, "test-fraction", "in (0, 1)"),
+            (self.model in MODELS, "model", f"one of {tuple(MODELS)}"),
             (self.eval_interval >= 1, "eval-interval", ">= 1"),
         ]
         for ok, key, expected in checks:

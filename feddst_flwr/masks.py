@@ -12,13 +12,17 @@ Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor of the weight's
 Shapes = dict[str, tuple[int, ...]]
 
 
+MASKABLE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def weight_name(module_name: str) -> str:
+    """State-dict name of a module's weight ('' is the root module)."""
+    return f"{module_name}.weight" if module_name else "weight"
+
+
 def maskable_names(model: nn.Module) -> list[str]:
     """Names of the conv/linear weight tensors; biases and norm parameters stay dense."""
-    return [
-        f"{name}.weight" if name else "weight"
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-    ]
+    return [weight_name(name) for name, module in model.named_modules() if isinstance(module, MASKABLE_MODULES)]
 
 
 def _raw_density(shape: tuple[int, ...], distribution: str) -> float:

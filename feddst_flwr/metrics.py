@@ -19,7 +19,7 @@ from torch import nn
 from .codec import payload_bytes
 from .config import ExperimentConfig
 from .data import TensorData
-from .masks import Masks, densities, total_density
+from .masks import MASKABLE_MODULES, Masks, densities, total_density, weight_name
 from .strategy import RoundStats
 from .training import evaluate
 
@@ -102,19 +102,20 @@ class MeteredGrid(Grid):
 def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
     """FLOPs (2 x multiply-adds) of one forward pass of one sample through the conv and
     linear layers, counting only active weights when masks are given."""
+    masks = masks or {}
     macs = 0
-    hooks = []
 
-    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor, name: str) -> None:
+    def count(name: str, module: nn.Module, output: torch.Tensor) -> None:
         nonlocal macs
-        active = int(masks[name].sum()) if masks and name in masks else module.weight.numel()
-        positions = output[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
+        active = int(masks[name].sum()) if name in masks else module.weight.numel()
+        positions = 1 if isinstance(module, nn.Linear) else output[0, 0].numel()  # conv: output positions
         macs += active * positions
 
-    for mod_name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            name = f"{mod_name}.weight"
-            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
+    hooks = [
+        module.register_forward_hook(lambda m, _i, o, name=weight_name(mod_name): count(name, m, o))
+        for mod_name, module in model.named_modules()
+        if isinstance(module, MASKABLE_MODULES)
+    ]
     with torch.no_grad():
         model.eval()
         model(torch.zeros(1, *model.input_shape))
@@ -188,6 +189,7 @@ class RoundRecorder:
             "mask-version": stats.mask_version,
             "mask-changed": stats.mask_changed,
             "readjust-alpha": stats.readjust_alpha,
+            "masks-sent": stats.masks_sent,
             "rejected": len(stats.failures),
             "flops": forward_flops(self.model, masks),
             "dense-flops": self.dense_flops,

@@ -27,6 +27,7 @@ class RoundStats:
     mask_version: int = 0
     mask_changed: int = 0  # Hamming distance between the old and the new global mask
     readjust_alpha: float = 0.0
+    masks_sent: int = 0  # nodes that got the bitmask in this round's download
     failures: list[str] = field(default_factory=list)
 
 
@@ -147,7 +148,7 @@ class FedDST(Strategy):
         do not hold the current mask version."""
         state = arrays.to_torch_state_dict()
         alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.r_end)
-        self.stats = RoundStats(self.mask_version, 0, alpha_r)
+        self.stats = RoundStats(mask_version=self.mask_version, readjust_alpha=alpha_r)
         config = ConfigRecord(
             {
                 **config,
@@ -165,9 +166,9 @@ class FedDST(Strategy):
                 payloads[send_mask] = encode(state, self.masks, send_mask, self.value_dtype)
             content = RecordDict({self.arrayrecord_key: payloads[send_mask], self.configrecord_key: config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+            self.stats.masks_sent += send_mask
         log(INFO, "configure_train: %d nodes, %d get the mask (version %d), alpha_r=%.4f",
-            len(messages), sum(1 for m in messages if self.delivered.get(m.metadata.dst_node_id) != self.mask_version),
-            self.mask_version, alpha_r)
+            len(messages), self.stats.masks_sent, self.mask_version, alpha_r)
         return messages
 
     def aggregate_train(

@@ -37,6 +37,7 @@ def train(
     Returns the mean task loss over all steps."""
     masks = masks or {}
     params = dict(model.named_parameters())
+    apply_masks({name: params[name].data for name in masks}, masks)
     global_params = {name: p.detach().clone() for name, p in params.items()} if proximal_mu > 0 else {}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
@@ -52,7 +53,7 @@ def train(
             for name, mask in masks.items():
                 params[name].grad.mul_(mask)
             optimizer.step()
-            apply_masks({name: params[name] for name in masks}, masks)
+            apply_masks({name: params[name].data for name in masks}, masks)
             total += task_loss.item()
             steps += 1
     return total / max(steps, 1)

@@ -109,6 +109,7 @@ def test_feddst_bytes_match_codec(runs):
     for previous, record in zip(records, records[1:]):
         mask_down = record["round"] == 1 or previous["mask-changed"] > 0
         mask_up = readjust_alpha(record["round"], FEDDST["alpha"], FEDDST["delta-r"], FEDDST["r-end"]) > 0
+        assert record["masks-sent"] == NODES * mask_down
         assert record["download-bytes"] == NODES * (base + bitmask * mask_down), record
         assert record["upload-bytes"] == NODES * (base + bitmask * mask_up), record
         assert record["client-download-bytes"] == record["download-bytes"]

@@ -1,0 +1,295 @@
+"""Tests for feddst_flwr.client.client_round (no Flower runtime: records are built
+directly) and for the ClientApp's train handler in client_app.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp.strategy import FedProx
+
+from conftest import erk_masks
+from feddst_flwr import client as client_module
+from feddst_flwr.client import MissingMaskError, client_round, held_masks
+from feddst_flwr.codec import DENSE_STYPE, carries_mask, decode, encode, is_sparse, payload_bytes
+from feddst_flwr.masks import apply_masks, hamming, maskable_names
+from feddst_flwr.models import DigitsCNN
+
+WIDTH = 8  # a narrow DigitsCNN keeps local training fast
+
+
+def new_model() -> DigitsCNN:
+    torch.manual_seed(0)
+    return DigitsCNN(width=WIDTH)
+
+
+class Server:
+    """The server side of one exchange: a masked global model and its payloads."""
+
+    def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
+        self.masks, self.counts = erk_masks(model, 0.8, seed)
+        self.state = {name: t.clone() for name, t in model.state_dict().items()}
+        apply_masks(self.state, self.masks)
+        self.reference = {name: tuple(t.shape) for name, t in self.state.items()}
+        self.maskable = maskable_names(model)
+
+    def payload(self, send_mask: bool) -> ArrayRecord:
+        return encode(self.state, self.masks, send_mask)
+
+    def decode(self, reply: ArrayRecord, held=True):
+        return decode(reply, self.reference, self.maskable, self.masks if held else None)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.reference[name] for name in self.maskable}
+
+
+def round_config(server_round: int = 1, version: int = 0, alpha: float = 0.0, mu: float = 0.0) -> ConfigRecord:
+    return ConfigRecord(
+        {"server-round": server_round, "mask-version": version, "readjust-alpha": alpha, "proximal-mu": mu}
+    )
+
+
+@pytest.fixture
+def server() -> Server:
+    return Server(new_model())
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Replace local training by a recorder of what it was given (weights, masks, options)."""
+    calls = []
+
+    def fake_train(model, data, masks, **options):
+        calls.append({"state": copy.deepcopy(model.state_dict()), "masks": masks, **options})
+        return 0.0
+
+    monkeypatch.setattr(client_module, "train", fake_train)
+    return calls
+
+
+# --------------------------------------------------------------------------- sparse rounds
+
+
+def test_sparse_round_without_readjust_replies_values_only(server, make_cfg, data):
+    request = server.payload(send_mask=True)
+    result = client_round(new_model(), data, request, round_config(), make_cfg(), RecordDict())
+
+    assert is_sparse(result.arrays) and not carries_mask(result.arrays)
+    decoded = server.decode(result.arrays)
+    assert not decoded.mask_sent
+    for name, mask in server.masks.items():
+        assert torch.count_nonzero(decoded.state[name][~mask]) == 0, name
+        assert int(torch.count_nonzero(decoded.state[name])) == server.counts[name], name
+        assert len(result.arrays[name].data) == 4 * server.counts[name]  # float32 values only
+    assert any(not torch.equal(decoded.state[n], server.state[n]) for n in server.state)  # it trained
+
+    metrics = result.metrics
+    assert metrics["upload-bytes"] == payload_bytes(result.arrays)
+    assert metrics["download-bytes"] == payload_bytes(request)
+    assert metrics["upload-bytes"] < metrics["download-bytes"]  # the request carried the bitmask
+    assert metrics["num-examples"] == len(data)
+    assert metrics["mask-changed"] == 0
+
+
+def test_readjust_round_returns_new_mask_with_erk_counts(server, make_cfg, data):
+    node_state = RecordDict()
+    config = round_config(server_round=5, version=0, alpha=0.2)
+    result = client_round(new_model(), data, server.payload(True), config, make_cfg(), node_state)
+
+    assert carries_mask(result.arrays)
+    decoded = server.decode(result.arrays, held=False)
+    assert decoded.mask_sent
+    changed = hamming(server.masks, decoded.masks)
+    assert result.metrics["mask-changed"] == changed > 0
+    for name, new_mask in decoded.masks.items():
+        old_mask = server.masks[name]
+        assert int(new_mask.sum()) == server.counts[name], name
+        # per layer round(0.2 * active) drop and as many grow: at most 2k positions differ
+        assert int((new_mask ^ old_mask).sum()) <= 2 * round(0.2 * server.counts[name]), name
+        assert torch.count_nonzero(decoded.state[name][new_mask & ~old_mask]) == 0, name  # regrown at zero
+        assert torch.count_nonzero(decoded.state[name][~new_mask]) == 0, name
+    assert result.metrics["upload-bytes"] == payload_bytes(result.arrays)
+    # the node keeps the server's mask of this version, not its local readjustment
+    held = held_masks(node_state, 0, server.shapes())
+    assert all(torch.equal(held[name], server.masks[name]) for name in server.masks)
+
+
+# --------------------------------------------------------------------------- mask versions on the node
+
+
+def test_first_bitmask_is_stored_with_its_version(server, make_cfg, data, spy):
+    node_state = RecordDict()
+    assert held_masks(node_state, 3, server.shapes()) is None
+
+    client_round(new_model(), data, server.payload(True), round_config(version=3), make_cfg(), node_state)
+
+    held = held_masks(node_state, 3, server.shapes())
+    assert held is not None and set(held) == set(server.masks)
+    assert all(torch.equal(held[name], server.masks[name]) for name in server.masks)
+    assert held_masks(node_state, 2, server.shapes()) is None
+    assert held_masks(node_state, 4, server.shapes()) is None
+
+
+def test_same_version_without_bitmask_decodes_with_held_mask(server, make_cfg, data, spy):
+    node_state = RecordDict()
+    cfg = make_cfg()
+    client_round(new_model(), data, server.payload(True), round_config(1, version=3), cfg, node_state)
+    request = server.payload(False)
+    result = client_round(new_model(), data, request, round_config(2, version=3), cfg, node_state)
+
+    received = spy[-1]
+    assert all(torch.equal(received["state"][n], server.state[n]) for n in server.state)
+    assert all(torch.equal(received["masks"][n], server.masks[n]) for n in server.masks)
+    assert server.decode(result.arrays).state.keys() == server.state.keys()
+    assert result.metrics["download-bytes"] == payload_bytes(request)
+
+
+@pytest.mark.parametrize("held_version", [None, 3])
+def test_unknown_version_without_bitmask_raises_missing_mask(server, make_cfg, data, spy, held_version):
+    node_state = RecordDict()
+    if held_version is not None:
+        config = round_config(version=held_version)
+        client_round(new_model(), data, server.payload(True), config, make_cfg(), node_state)
+    calls = len(spy)
+
+    with pytest.raises(MissingMaskError, match=r"version 4\b") as error:
+        client_round(new_model(), data, server.payload(False), round_config(2, version=4), make_cfg(), node_state)
+
+    assert str(error.value).startswith(client_module.MISSING_MASK)
+    assert len(spy) == calls  # no training happened
+    if held_version is not None:  # the held mask is kept
+        assert held_masks(node_state, held_version, server.shapes()) is not None
+
+
+def test_new_version_with_bitmask_replaces_the_held_mask(make_cfg, data, spy):
+    model = new_model()
+    old, new = Server(model, seed=0), Server(model, seed=1)
+    node_state = RecordDict()
+    client_round(new_model(), data, old.payload(True), round_config(1, version=0), make_cfg(), node_state)
+    client_round(new_model(), data, new.payload(True), round_config(2, version=1), make_cfg(), node_state)
+
+    assert held_masks(node_state, 0, new.shapes()) is None
+    held = held_masks(node_state, 1, new.shapes())
+    assert all(torch.equal(held[name], new.masks[name]) for name in new.masks)
+    assert hamming(old.masks, new.masks) > 0
+
+
+def test_round_options_reach_local_training(server, make_cfg, data, spy):
+    cfg = make_cfg(lr=0.03, momentum=0.5, weight_decay=0.002, batch_size=4, local_epochs=2)
+    client_round(new_model(), data, server.payload(True), round_config(mu=0.25), cfg, RecordDict())
+    options = spy[-1]
+    assert (options["epochs"], options["batch_size"], options["lr"]) == (2, 4, 0.03)
+    assert (options["momentum"], options["weight_decay"], options["proximal_mu"]) == (0.5, 0.002, 0.25)
+
+
+# --------------------------------------------------------------------------- dense payloads (baselines)
+
+
+def test_dense_payload_gives_dense_reply(make_cfg, data):
+    request = ArrayRecord(new_model().state_dict())
+    config = ConfigRecord({"server-round": 1})  # what Flower's FedAvg sends
+    result = client_round(new_model(), data, request, config, make_cfg(), RecordDict())
+
+    assert not is_sparse(result.arrays) and not carries_mask(result.arrays)
+    assert {array.stype for array in result.arrays.values()} == {DENSE_STYPE}
+    state = result.arrays.to_torch_state_dict()
+    assert state.keys() == new_model().state_dict().keys()
+    assert all(torch.count_nonzero(state[name]) == state[name].numel() for name in maskable_names(new_model()))
+    assert result.metrics["upload-bytes"] == payload_bytes(result.arrays) == payload_bytes(request)
+    assert result.metrics["mask-changed"] == 0
+
+
+class FixedGrid:
+    """Just enough of a Grid for Flower's node sampling."""
+
+    def __init__(self, node_ids) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flower_fedprox_round_through_client_round(make_cfg, data, monkeypatch):
+    seen = []
+    real_train = client_module.train
+    monkeypatch.setattr(client_module, "train", lambda *a, **kw: seen.append(kw["proximal_mu"]) or real_train(*a, **kw))
+    strategy = FedProx(proximal_mu=0.5, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
+    initial = ArrayRecord(new_model().state_dict())
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), FixedGrid([11, 12])))
+
+    replies = []
+    for message in messages:
+        arrays, config = message.content["arrays"], message.content["config"]
+        result = client_round(new_model(), data, arrays, config, make_cfg(), RecordDict())
+        assert not is_sparse(result.arrays)
+        replies.append(Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=message))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert seen == [0.5, 0.5]
+    assert arrays is not None and arrays.to_torch_state_dict().keys() == new_model().state_dict().keys()
+    assert metrics["upload-bytes"] == payload_bytes(replies[0].content["arrays"])
+
+
+# --------------------------------------------------------------------------- client_app.train
+
+
+@pytest.fixture
+def client_app():
+    """Import client_app.py without letting its set_num_threads(1) leak into other tests."""
+    threads = torch.get_num_threads()
+    import client_app as module
+
+    torch.set_num_threads(threads)
+    return module
+
+
+@pytest.fixture
+def context(run_config) -> Context:
+    run_config.update({"local-epochs": 1, "batch-size": 64})
+    node_config = {"partition-id": 0, "num-partitions": 5}
+    return Context(run_id=7, node_id=3, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def app_server(context: Context) -> Server:
+    from feddst_flwr.config import ExperimentConfig
+    from feddst_flwr.models import build_model
+
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    return Server(build_model(cfg.model, cfg.seed))
+
+
+def instruction(arrays: ArrayRecord, config: ConfigRecord, node_id: int = 3) -> Message:
+    content = RecordDict({"arrays": arrays, "config": config})
+    return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_app_missing_mask_gives_error_reply(client_app, context):
+    msg = instruction(app_server(context).payload(False), round_config(2, version=2))
+    reply = client_app.app(msg, context)
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == client_app.MISSING_MASK_CODE
+    assert "version 2" in reply.error.reason
+    assert reply.metadata.dst_node_id == msg.metadata.src_node_id
+    assert reply.metadata.src_node_id == msg.metadata.dst_node_id == 3
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_app_trains_and_keeps_the_mask_in_context_state(client_app, context):
+    from feddst_flwr.data import load_partition
+
+    server = app_server(context)
+    first = client_app.app(instruction(server.payload(True), round_config(1, version=0)), context)
+    second = client_app.train(instruction(server.payload(False), round_config(2, version=0)), context)
+
+    partition = load_partition("digits", 0.2, 0, 0, 5)
+    for reply in (first, second):
+        assert not reply.has_error()
+        assert set(reply.content.array_records) == {"arrays"} and set(reply.content.metric_records) == {"metrics"}
+        assert reply.content["metrics"]["num-examples"] == len(partition)
+        decoded = server.decode(reply.content["arrays"])
+        assert all(int(decoded.masks[n].sum()) == server.counts[n] for n in server.masks)
+    assert held_masks(context.state, 0, server.shapes()) is not None

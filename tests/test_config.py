@@ -1,0 +1,254 @@
+"""Tests for feddst_flwr.config (run-config parsing and validation) and for the
+measurements in feddst_flwr.metrics (forward FLOPs, MeteredGrid byte counting)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from torch import nn
+
+from feddst_flwr.codec import encode, payload_bytes
+from feddst_flwr.config import ConfigError, ExperimentConfig
+from feddst_flwr.metrics import MeteredGrid, Traffic, forward_flops
+from feddst_flwr.models import DigitsCNN
+
+KEYS = [field.name.replace("_", "-") for field in dataclasses.fields(ExperimentConfig)]
+
+
+def parse(run_config: dict, **changes) -> ExperimentConfig:
+    return ExperimentConfig.from_run_config({**run_config, **changes})
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_pyproject_config_parses(pyproject_config):
+    assert set(pyproject_config) == set(KEYS)  # every key documented in pyproject, none extra
+    cfg = ExperimentConfig.from_run_config(pyproject_config)
+    assert (cfg.strategy, cfg.num_server_rounds, cfg.local_epochs, cfg.batch_size) == ("feddst", 60, 10, 8)
+    assert (cfg.lr, cfg.weight_decay, cfg.sparsity, cfg.alpha, cfg.delta_r) == (0.1, 1e-3, 0.8, 0.05, 5)
+    assert cfg.is_sparse and cfg.effective_alpha == 0.05 and cfg.effective_mu == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_missing_key_is_named(run_config, key):
+    del run_config[key]
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        ExperimentConfig.from_run_config(run_config)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("local-epochs", "10"),
+        ("local-epochs", 10.0),
+        ("seed", True),
+        ("lr", "0.1"),
+        ("lr", True),
+        ("strategy", 3),
+        ("run-name", 0),
+        ("sparsity", None),
+    ],
+)
+def test_wrong_type_is_named(run_config, key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'.*expected"):
+        parse(run_config, **{key: value})
+
+
+def test_int_is_accepted_for_float(run_config):
+    cfg = parse(run_config, **{"lr": 1, "weight-decay": 0})
+    assert isinstance(cfg.lr, float) and cfg.lr == 1.0
+    assert isinstance(cfg.weight_decay, float) and cfg.weight_decay == 0.0
+
+
+OUT_OF_RANGE = [
+    ("strategy", "fedsgd"), ("num-server-rounds", 0), ("fraction-train", 0.0), ("fraction-train", 1.5),
+    ("clients-per-round", -1), ("local-epochs", 0), ("batch-size", 0), ("lr", 0.0), ("lr", -0.1),
+    ("momentum", 1.0), ("momentum", -0.1), ("weight-decay", -1e-4), ("proximal-mu", -0.01),
+    ("server-momentum", 1.0), ("server-momentum", -0.5), ("sparsity", 1.0), ("sparsity", -0.1),
+    ("sparsity-distribution", "gaussian"), ("alpha", 1.0), ("alpha", -0.01), ("delta-r", 0), ("r-end", -1),
+    ("grow-batches", 0), ("min-votes", 0), ("value-dtype", "bfloat16"), ("test-fraction", 0.0),
+    ("test-fraction", 1.0), ("eval-interval", 0), ("dataset", "imagenet"), ("model", "resnet-1000"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key, value", OUT_OF_RANGE)
+def test_out_of_range_value_is_named(run_config, key, value):
+    with pytest.raises(ConfigError, match=f"'{key}' = {value!r}"):
+        parse(run_config, **{key: value})
+
+
+BOUNDARIES = [
+    ("fraction-train", 1.0), ("clients-per-round", 0), ("momentum", 0.0), ("momentum", 0.99),
+    ("weight-decay", 0.0), ("server-momentum", 0.0), ("sparsity", 0.0), ("alpha", 0.0), ("r-end", 0),
+    ("num-server-rounds", 1), ("strategy", "randommask"), ("sparsity-distribution", "uniform"),
+    ("value-dtype", "float16"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key, value", BOUNDARIES)
+def test_boundary_values_are_accepted(run_config, key, value):
+    cfg = parse(run_config, **{key: value})
+    assert getattr(cfg, key.replace("-", "_")) == value
+
+
+@pytest.mark.parametrize("rounds, r_end, expected", [(60, 0, 30), (61, 0, 30), (1, 0, 0), (60, 7, 7), (10, 25, 25)])
+def test_readjust_end(run_config, rounds, r_end, expected):
+    assert parse(run_config, **{"num-server-rounds": rounds, "r-end": r_end}).readjust_end == expected
+
+
+def test_run_name_default_and_override(run_config):
+    assert parse(run_config).name == "feddst-digits-seed0"
+    assert parse(run_config, strategy="fedavgm", seed=3).name == "fedavgm-digits-seed3"
+    assert parse(run_config, **{"run-name": "mine"}).name == "mine"
+
+
+@pytest.mark.parametrize(
+    "strategy, sparse, alpha, mu",
+    [("fedavg", False, 0.05, 0.0), ("fedavgm", False, 0.05, 0.0), ("fedprox", False, 0.05, 0.02),
+     ("feddst", True, 0.05, 0.0), ("feddst-prox", True, 0.05, 0.02), ("randommask", True, 0.0, 0.0)],
+)  # fmt: skip
+def test_strategy_derived_properties(run_config, strategy, sparse, alpha, mu):
+    cfg = parse(run_config, strategy=strategy, **{"proximal-mu": 0.02})
+    assert (cfg.is_sparse, cfg.effective_alpha, cfg.effective_mu) == (sparse, alpha, mu)
+
+
+# --------------------------------------------------------------------------- forward FLOPs
+
+# DigitsCNN(width 32) on 1x8x8, per sample (multiply-adds):
+#   conv1 3x3, 1 -> 32, 8x8 output:   32*1*9  = 288 weights   x 64 positions = 18,432
+#   conv2 3x3, 32 -> 64, 8x8 output:  64*32*9 = 18,432       x 64 positions = 1,179,648
+#   fc1 1024 -> 128:                  131,072
+#   fc2 128 -> 10:                    1,280
+DENSE_MACS = 18_432 + 1_179_648 + 131_072 + 1_280
+
+
+def first_k_mask(shape: tuple[int, ...], k: int) -> torch.Tensor:
+    flat = torch.zeros(math.prod(shape), dtype=torch.bool)
+    flat[:k] = True
+    return flat.view(shape)
+
+
+def test_forward_flops_dense_digits_cnn():
+    assert DENSE_MACS == 1_330_432
+    assert forward_flops(DigitsCNN()) == 2 * DENSE_MACS == 2_660_864
+
+
+def test_forward_flops_counts_active_weights_only():
+    model = DigitsCNN()
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if name.endswith("weight")}
+    active = {"conv1.weight": 100, "conv2.weight": 1_000, "fc1.weight": 10_000, "fc2.weight": 50}
+    masks = {name: first_k_mask(shapes[name], k) for name, k in active.items()}
+    assert forward_flops(model, masks) == 2 * (100 * 64 + 1_000 * 64 + 10_000 + 50) == 160_900
+    # a layer without a mask counts dense
+    partial = {"fc1.weight": masks["fc1.weight"]}
+    assert forward_flops(model, partial) == 2 * (DENSE_MACS - 131_072 + 10_000)
+
+
+def test_forward_flops_does_not_change_the_model():
+    model = DigitsCNN()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    forward_flops(model)
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    assert not any(module._forward_hooks for module in model.modules())
+
+
+def test_forward_flops_masks_a_root_level_layer():
+    from feddst_flwr.masks import maskable_names
+
+    model = nn.Linear(4, 3)
+    model.input_shape = (4,)
+    (name,) = maskable_names(model)  # "weight"
+    masks = {name: first_k_mask((3, 4), 5)}
+    assert forward_flops(model, masks) == 2 * 5
+
+
+# --------------------------------------------------------------------------- MeteredGrid
+
+
+class EchoGrid:
+    """Inner grid: replies to every message with a fixed reply content."""
+
+    def __init__(self, reply_content) -> None:
+        self.reply_content = reply_content
+        self.sent: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.sent.extend(messages)
+        return [self.reply_content(m) for m in messages]
+
+    def push_messages(self, messages):
+        self.sent.extend(messages)
+        return [str(i) for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        return [self.reply_content(self.sent[int(i)]) for i in message_ids]
+
+    def get_node_ids(self):
+        return [5, 6, 7]
+
+
+def tensors(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(4, 6, generator=generator), "b": torch.randn(4, generator=generator)}
+
+
+def sparse_record(send_mask: bool) -> ArrayRecord:
+    masks = {"w": first_k_mask((4, 6), 7)}
+    return encode(tensors(0), masks, send_mask)
+
+
+def instruction(node_id: int, records: dict) -> Message:
+    return Message(content=RecordDict(records), message_type=MessageType.TRAIN, dst_node_id=node_id)
+
+
+def reply_for(message: Message) -> Message:
+    node = message.metadata.dst_node_id
+    if node == 3:
+        return Message(Error(code=4001, reason="missing mask"), reply_to=message)
+    arrays = sparse_record(send_mask=node == 2)
+    metrics = MetricRecord({"num-examples": 10, "upload-bytes": 1000 + node, "download-bytes": 2000 + node})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_metered_grid_counts_payload_bytes_and_take_resets():
+    grid = MeteredGrid(EchoGrid(reply_for))
+    extra = ArrayRecord(tensors(1))  # a second ArrayRecord in one message counts too
+    messages = [
+        instruction(1, {"arrays": sparse_record(True), "config": ConfigRecord({"x": 1})}),
+        instruction(2, {"arrays": sparse_record(False), "extra": extra}),
+        instruction(3, {"arrays": ArrayRecord(tensors(2))}),
+    ]
+    replies = list(grid.send_and_receive(iter(messages), timeout=5.0))
+
+    download = payload_bytes(sparse_record(True)) + payload_bytes(sparse_record(False)) + payload_bytes(extra)
+    download += payload_bytes(ArrayRecord(tensors(2)))
+    upload = payload_bytes(sparse_record(False)) + payload_bytes(sparse_record(True))  # node 3 replied an error
+    assert payload_bytes(sparse_record(True)) - payload_bytes(sparse_record(False)) == 3  # 24 mask bits
+    assert len(replies) == 3 and replies[2].has_error()
+    traffic = grid.take()
+    assert traffic == Traffic(
+        download=download, upload=upload, client_download=2001 + 2002, client_upload=1001 + 1002, messages=3, replies=3
+    )
+    assert grid.take() == Traffic()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_metered_grid_counts_push_and_pull():
+    inner = EchoGrid(reply_for)
+    grid = MeteredGrid(inner)
+    messages = [instruction(1, {"arrays": sparse_record(True)}), instruction(2, {"arrays": sparse_record(True)})]
+    ids = list(grid.push_messages(messages))
+    assert grid.traffic.download == 2 * payload_bytes(sparse_record(True)) and grid.traffic.replies == 0
+    list(grid.pull_messages(ids))
+    traffic = grid.take()
+    assert (traffic.messages, traffic.replies) == (2, 2)
+    assert traffic.upload == payload_bytes(sparse_record(False)) + payload_bytes(sparse_record(True))
+    assert grid.get_node_ids() == [5, 6, 7]

@@ -1,0 +1,403 @@
+"""Tests for feddst_flwr.strategy: initial ERK mask, seeded sampling, the mask-version
+bookkeeping (bitmask only to nodes that lack the current version), reply validation,
+the readjustment schedule in the config, re-pruning, and build_strategy. Nodes are
+simulated in-process by running client.client_round on each message."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
+
+from conftest import random_data
+from feddst_flwr.aggregation import ClientUpdate, aggregate
+from feddst_flwr.client import MissingMaskError, client_round
+from feddst_flwr.codec import VALUES_STYPE, carries_mask, decode, payload_bytes
+from feddst_flwr.masks import hamming, layer_counts, maskable_names
+from feddst_flwr.models import DigitsCNN
+from feddst_flwr.strategy import FedDST, build_strategy
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+WIDTH = 8
+MISSING_MASK_CODE = 4001
+
+
+def new_model() -> DigitsCNN:
+    torch.manual_seed(0)
+    return DigitsCNN(width=WIDTH)
+
+
+MASKABLE = maskable_names(new_model())
+SHAPES = {name: tuple(t.shape) for name, t in new_model().state_dict().items()}
+
+
+class FakeGrid:
+    """get_node_ids for sampling; send_and_receive hands messages to a responder."""
+
+    def __init__(self, node_ids, responder=None) -> None:
+        self.node_ids = list(node_ids)
+        self.responder = responder
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.responder(message) for message in messages]
+
+
+def make_strategy(**overrides) -> FedDST:
+    options = {"sparsity": 0.8, "alpha": 0.2, "delta_r": 2, "r_end": 10, "clients_per_round": 3, "seed": 0}
+    return FedDST(MASKABLE, **{**options, **overrides})
+
+
+class Federation:
+    """A FedDST strategy plus in-process nodes that each keep a Context state."""
+
+    def __init__(self, cfg, strategy: FedDST | None = None, node_ids=(1, 2, 3), same_data: bool = True) -> None:
+        self.cfg = cfg
+        self.strategy = strategy or make_strategy(clients_per_round=len(node_ids))
+        self.grid = FakeGrid(node_ids, self.reply)
+        self.states = {node: RecordDict() for node in node_ids}
+        self.data = {node: random_data(16, seed=0 if same_data else node) for node in node_ids}
+        self.arrays = self.strategy.initialize(ArrayRecord(new_model().state_dict()))
+
+    def configure(self, server_round: int) -> list[Message]:
+        return list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
+
+    def reply(self, message: Message) -> Message:
+        node, content = message.metadata.dst_node_id, message.content
+        arrays, config = content["arrays"], content["config"]
+        try:
+            result = client_round(new_model(), self.data[node], arrays, config, self.cfg, self.states[node])
+        except MissingMaskError as err:
+            return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=message)
+        return Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=message)
+
+    def aggregate(self, server_round: int, replies: list[Message]):
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.arrays = arrays
+        return arrays, metrics
+
+    def round(self, server_round: int) -> list[Message]:
+        """One full round; returns the messages the server sent."""
+        messages = self.configure(server_round)
+        self.aggregate(server_round, [self.reply(m) for m in messages])
+        return messages
+
+
+@pytest.fixture
+def federation(make_cfg) -> Federation:
+    return Federation(make_cfg())
+
+
+def mask_flags(messages: list[Message]) -> dict[int, bool]:
+    return {m.metadata.dst_node_id: carries_mask(m.content["arrays"]) for m in messages}
+
+
+def bitmask_bytes() -> int:
+    return sum(math.ceil(math.prod(SHAPES[name]) / 8) for name in MASKABLE)
+
+
+def assert_pruned_to(state: dict[str, torch.Tensor], masks: dict, counts: dict) -> None:
+    for name, count in counts.items():
+        assert int(masks[name].sum()) == count, name
+        assert torch.count_nonzero(state[name][~masks[name]]) == 0, name
+
+
+# --------------------------------------------------------------------------- initialize
+
+
+def test_initialize_prunes_to_erk_counts_and_sparsity():
+    strategy = make_strategy()
+    dense = new_model().state_dict()
+    state = strategy.initialize(ArrayRecord(dense)).to_torch_state_dict()
+
+    counts = layer_counts({n: SHAPES[n] for n in MASKABLE}, 0.8, "erk")
+    assert strategy.counts == counts
+    assert_pruned_to(state, strategy.masks, counts)
+    for name in MASKABLE:  # every kept weight keeps its initial (non-zero) value
+        mask = strategy.masks[name]
+        assert int(torch.count_nonzero(state[name])) == counts[name]
+        assert torch.equal(state[name][mask], dense[name][mask])
+    total = sum(math.prod(SHAPES[n]) for n in MASKABLE)
+    assert sum(counts.values()) == round(0.2 * total)
+    assert 1 - sum(counts.values()) / total == pytest.approx(0.8, abs=1 / total)
+    for name in set(SHAPES) - set(MASKABLE):  # biases stay dense and untouched
+        assert torch.equal(state[name], dense[name])
+
+
+def test_initialize_rejects_unknown_maskable_name():
+    strategy = FedDST([*MASKABLE, "conv9.weight"])
+    with pytest.raises(ValueError, match="conv9.weight"):
+        strategy.initialize(ArrayRecord(new_model().state_dict()))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+NODES = list(range(100, 110))
+
+
+def sample_sequence(seed: int, rounds: int = 6) -> list[list[int]]:
+    strategy, grid = make_strategy(seed=seed), FakeGrid(NODES)
+    return [strategy.sample(grid) for _ in range(rounds)]
+
+
+def test_sampling_is_without_replacement_from_connected_nodes():
+    for sample in sample_sequence(0):
+        assert len(sample) == 3 == len(set(sample))
+        assert set(sample) <= set(NODES)
+
+
+def test_sampling_is_seeded_and_independent_of_the_global_rng():
+    random.seed(1)
+    first = sample_sequence(0)
+    random.seed(2)
+    assert sample_sequence(0) == first
+    assert sample_sequence(1) != first
+
+
+def test_configure_train_addresses_distinct_sampled_nodes():
+    strategy = make_strategy()
+    strategy.initialize(ArrayRecord(new_model().state_dict()))
+    expected = make_strategy().sample(FakeGrid(NODES))
+    messages = list(strategy.configure_train(1, ArrayRecord(new_model().state_dict()), ConfigRecord(), FakeGrid(NODES)))
+    assert [m.metadata.dst_node_id for m in messages] == expected
+
+
+@pytest.mark.parametrize("fraction, expected", [(0.3, 3), (0.55, 5), (0.1, 2)])  # 0.1 * 10 < min_train_nodes
+def test_sample_size_from_fraction(fraction, expected):
+    strategy = make_strategy(clients_per_round=0, fraction_train=fraction)
+    assert len(set(strategy.sample(FakeGrid(NODES)))) == expected
+
+
+# --------------------------------------------------------------------------- mask bits only when needed
+
+
+def test_bitmask_only_to_nodes_lacking_the_current_version(federation):
+    strategy = federation.strategy
+    first = federation.round(1)  # alpha_r = 0: the global mask stays
+    assert mask_flags(first) == {1: True, 2: True, 3: True}
+    assert strategy.mask_version == 0 and strategy.stats.mask_changed == 0
+    assert strategy.delivered == {1: 0, 2: 0, 3: 0}
+
+    old_masks = strategy.masks
+    second = federation.configure(2)
+    assert mask_flags(second) == {1: False, 2: False, 3: False}
+    # the same values, minus exactly one packed bitmask per maskable layer
+    assert payload_bytes(first[0].content["arrays"]) - payload_bytes(second[0].content["arrays"]) == bitmask_bytes()
+    federation.aggregate(2, [federation.reply(m) for m in second])  # readjust round (2 % delta_r == 0)
+
+    assert strategy.stats.mask_changed == hamming(old_masks, strategy.masks) > 0
+    assert strategy.mask_version == strategy.stats.mask_version == 1
+    third = federation.configure(3)
+    assert mask_flags(third) == {1: True, 2: True, 3: True}
+    assert {m.content["config"]["mask-version"] for m in third} == {1}
+
+
+def test_partial_sampling_sends_the_mask_to_first_timers_only(make_cfg):
+    strategy = make_strategy(alpha=0.0, clients_per_round=3)
+    federation = Federation(make_cfg(), strategy=strategy, node_ids=(1, 2, 3, 4, 5))
+    served: set[int] = set()
+    mixed_rounds = 0
+    for server_round in range(1, 6):
+        messages = federation.configure(server_round)
+        flags = mask_flags(messages)
+        assert flags == {node: node not in served for node in flags}
+        mixed_rounds += len(set(flags.values())) == 2
+        federation.aggregate(server_round, [federation.reply(m) for m in messages])
+        served |= set(flags)
+    assert mixed_rounds >= 1 and federation.strategy.mask_version == 0
+
+
+def test_error_reply_makes_the_node_get_the_mask_again(federation):
+    federation.strategy.alpha = 0.0  # the mask never changes
+    federation.round(1)
+    federation.states[2] = RecordDict()  # node 2 lost its state: it cannot decode values only
+
+    messages = federation.configure(2)
+    replies = [federation.reply(m) for m in messages]
+    error = next(r for r in replies if r.metadata.src_node_id == 2)
+    assert error.has_error() and "version 0" in error.error.reason
+    federation.aggregate(2, replies)
+
+    assert federation.strategy.delivered == {1: 0, 3: 0}
+    assert len(federation.strategy.stats.failures) == 1 and "node 2" in federation.strategy.stats.failures[0]
+    third = federation.configure(3)
+    assert mask_flags(third) == {1: False, 2: True, 3: False}
+    federation.aggregate(3, [federation.reply(m) for m in third])
+    assert federation.strategy.stats.failures == []
+    assert federation.strategy.delivered == {1: 0, 2: 0, 3: 0}
+
+
+def values_of(record: ArrayRecord, name: str, count: int) -> ArrayRecord:
+    """The record with one layer's values replaced by `count` zeros."""
+    tampered = ArrayRecord({key: record[key] for key in record})
+    tampered[name] = Array(dtype="float32", shape=SHAPES[name], stype=VALUES_STYPE, data=bytes(4 * count))
+    return tampered
+
+
+def with_arrays(reply: Message, arrays: ArrayRecord) -> RecordDict:
+    return RecordDict({"arrays": arrays, "metrics": reply.content["metrics"]})
+
+
+def with_examples(reply: Message, value) -> RecordDict:
+    metrics = MetricRecord({**reply.content["metrics"], "num-examples": value})
+    return RecordDict({"arrays": reply.content["arrays"], "metrics": metrics})
+
+
+def without(record: ArrayRecord, name: str) -> ArrayRecord:
+    return ArrayRecord({key: record[key] for key in record if key != name})
+
+
+TAMPERING = {
+    "wrong value count": lambda r, s: with_arrays(
+        r, values_of(r.content["arrays"], "fc1.weight", s.counts["fc1.weight"] - 1)
+    ),
+    "missing layer": lambda r, s: with_arrays(r, without(r.content["arrays"], "fc2.bias")),
+    "no metrics": lambda r, s: RecordDict({"arrays": r.content["arrays"]}),
+    "zero examples": lambda r, s: with_examples(r, 0),
+    "float examples": lambda r, s: with_examples(r, 16.0),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERING, ids=list(TAMPERING))
+def test_invalid_reply_is_rejected_and_the_rest_aggregated(make_cfg, tamper):
+    federation = Federation(make_cfg(), node_ids=(1, 2, 3), same_data=False)
+    strategy = federation.strategy
+    messages = federation.configure(1)
+    replies = [federation.reply(m) for m in messages]
+    bad = next(r for r in replies if r.metadata.src_node_id == 2)
+    replies[replies.index(bad)] = Message(TAMPERING[tamper](bad, strategy), reply_to=messages[replies.index(bad)])
+
+    good = [r for r in replies if r.metadata.src_node_id != 2]
+    decoded = [decode(r.content["arrays"], SHAPES, MASKABLE, strategy.masks) for r in good]
+    updates = [ClientUpdate(d.state, strategy.masks, 16) for d in decoded]
+    expected_state, expected_masks = aggregate(updates, strategy.counts)
+    arrays, metrics = federation.aggregate(1, replies)
+
+    assert len(strategy.stats.failures) == 1 and strategy.stats.failures[0].startswith("node 2:")
+    assert 2 not in strategy.delivered and set(strategy.delivered) == {1, 3}
+    state = arrays.to_torch_state_dict()
+    assert all(torch.equal(state[name], expected_state[name]) for name in SHAPES)
+    assert all(torch.equal(strategy.masks[name], expected_masks[name]) for name in MASKABLE)
+    losses = [r.content["metrics"]["train-loss"] for r in good]
+    assert metrics["train-loss"] == pytest.approx(sum(losses) / 2)  # equal weights: 16 examples each
+    assert "num-examples" not in metrics
+
+
+def test_all_replies_invalid_keeps_the_model(federation):
+    messages = federation.configure(1)
+    errors = [Message(Error(code=1, reason="boom"), reply_to=m) for m in messages]
+    assert federation.strategy.aggregate_train(1, errors) == (None, None)
+    assert len(federation.strategy.stats.failures) == 3 and federation.strategy.mask_version == 0
+
+
+# --------------------------------------------------------------------------- config and re-pruning
+
+
+def test_config_carries_schedule_mask_version_and_mu(federation):
+    strategy = make_strategy(alpha=0.3, delta_r=2, r_end=5, proximal_mu=0.01)
+    strategy.initialize(ArrayRecord(new_model().state_dict()))
+    # alpha_r = alpha / 2 (1 + cos(pi r / r_end)) on rounds 2 and 4, 0 elsewhere and after r_end
+    expected = {r: 0.0 for r in (1, 3, 5, 6)}
+    expected.update({2: 0.15 * (1 + math.cos(2 * math.pi / 5)), 4: 0.15 * (1 + math.cos(4 * math.pi / 5))})
+    for server_round, alpha_r in expected.items():
+        messages = strategy.configure_train(server_round, federation.arrays, ConfigRecord({"lr": 0.5}), FakeGrid(NODES))
+        for message in messages:
+            config = message.content["config"]
+            assert config["readjust-alpha"] == pytest.approx(alpha_r, abs=1e-15)
+            assert config["proximal-mu"] == 0.01
+            assert config["server-round"] == server_round
+            assert config["mask-version"] == 0
+            assert config["lr"] == 0.5
+        assert strategy.stats.readjust_alpha == pytest.approx(alpha_r, abs=1e-15)
+
+
+def test_aggregate_reprunes_to_exact_erk_counts(make_cfg):
+    federation = Federation(make_cfg(), strategy=make_strategy(alpha=0.3), same_data=False)
+    federation.round(1)
+    messages = federation.configure(2)
+    replies = [federation.reply(m) for m in messages]
+    client_masks = [decode(r.content["arrays"], SHAPES, MASKABLE, None).masks for r in replies]
+    union = {name: torch.stack([m[name] for m in client_masks]).any(0) for name in MASKABLE}
+    assert any(int(union[n].sum()) > federation.strategy.counts[n] for n in MASKABLE)  # more candidates than room
+
+    arrays, _ = federation.aggregate(2, replies)
+
+    state = arrays.to_torch_state_dict()
+    assert_pruned_to(state, federation.strategy.masks, federation.strategy.counts)
+    for name in MASKABLE:
+        assert not (federation.strategy.masks[name] & ~union[name]).any(), name  # only voted positions kept
+
+
+def test_randommask_mask_never_moves(make_cfg):
+    federation = Federation(make_cfg(), strategy=make_strategy(alpha=0.0, clients_per_round=3))
+    initial = federation.strategy.masks
+    messages = [federation.round(r) for r in (1, 2, 3, 4)]
+    assert federation.strategy.mask_version == 0
+    assert hamming(initial, federation.strategy.masks) == 0
+    assert {m.content["config"]["readjust-alpha"] for round_messages in messages for m in round_messages} == {0.0}
+    assert [any(mask_flags(m).values()) for m in messages] == [True, False, False, False]
+
+
+def test_start_runs_rounds_through_a_grid(make_cfg):
+    federation = Federation(make_cfg())
+    strategy, seen = federation.strategy, []
+
+    def evaluate_fn(server_round, arrays):
+        state = arrays.to_torch_state_dict()
+        seen.append((server_round, strategy.mask_version, int(sum(torch.count_nonzero(state[n]) for n in MASKABLE))))
+
+    initial = ArrayRecord(new_model().state_dict())
+    result = strategy.start(grid=federation.grid, initial_arrays=initial, num_rounds=3, evaluate_fn=evaluate_fn)
+
+    budget = sum(strategy.counts.values())
+    assert [(r, v) for r, v, _ in seen] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert all(active <= budget for _, _, active in seen) and seen[0][2] == budget
+    assert_pruned_to(result.arrays.to_torch_state_dict(), strategy.masks, strategy.counts)
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- build_strategy
+
+
+@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedavgm", FedAvgM), ("fedprox", FedProx)])
+def test_build_strategy_baselines(make_cfg, name, cls):
+    cfg = make_cfg(strategy=name, proximal_mu=0.01)
+    strategy = build_strategy(cfg, MASKABLE)
+    assert type(strategy) is cls
+    assert strategy.fraction_evaluate == 0.0
+    assert (strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes) == (0.2, 2, 2)
+    if name == "fedavgm":
+        assert strategy.server_momentum == 0.9
+    if name == "fedprox":
+        assert strategy.proximal_mu == 0.01
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox"])
+def test_build_strategy_baselines_sample_clients_per_round(make_cfg, name):
+    strategy = build_strategy(make_cfg(strategy=name, clients_per_round=3), MASKABLE)
+    messages = strategy.configure_train(1, ArrayRecord(new_model().state_dict()), ConfigRecord(), FakeGrid(NODES))
+    assert len({m.metadata.dst_node_id for m in messages}) == 3
+
+
+@pytest.mark.parametrize(
+    "name, alpha, mu", [("feddst", 0.05, 0.0), ("feddst-prox", 0.05, 0.01), ("randommask", 0.0, 0.0)]
+)
+def test_build_strategy_sparse(make_cfg, name, alpha, mu):
+    cfg = make_cfg(strategy=name, proximal_mu=0.01, clients_per_round=4)
+    strategy = build_strategy(cfg, MASKABLE)
+    assert type(strategy) is FedDST
+    assert (strategy.alpha, strategy.proximal_mu) == (alpha, mu)
+    assert strategy.maskable == MASKABLE
+    assert (strategy.sparsity, strategy.distribution, strategy.delta_r, strategy.r_end) == (0.8, "erk", 5, 30)
+    assert (strategy.clients_per_round, strategy.min_available_nodes, strategy.seed) == (4, 4, 0)
+    assert (strategy.min_votes, strategy.value_dtype) == (1, "float32")
+    assert strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), FakeGrid(NODES)) == []
