@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from .codec import carries_mask, decode, encode, is_sparse, masks_from_record, masks_to_record, payload_bytes
 from .config import ExperimentConfig
 from .data import TensorData
-from .masks import Masks, hamming, maskable_names, prune_and_regrow
+from .masks import Masks, hamming, maskable_names, prune_and_regrow, shapes_of
 from .training import dense_gradients, train
 
 MASK_STATE_KEY = "feddst-mask"  # Context.state: the global mask this node holds
@@ -54,12 +54,13 @@ def client_round(
     node_state: RecordDict,
 ) -> ClientResult:
     """Run one training round on a node and build its reply."""
-    reference = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    initial = model.state_dict()
+    reference = shapes_of(initial, list(initial))
     masks: Masks | None = None
     if is_sparse(arrays):
         maskable = maskable_names(model)
         version = int(config["mask-version"])
-        held = held_masks(node_state, version, {n: reference[n] for n in maskable})
+        held = held_masks(node_state, version, shapes_of(initial, maskable))
         if held is None and not carries_mask(arrays):
             raise MissingMaskError(
                 f"{MISSING_MASK}: the server sent values for mask version {version} without its bitmask "

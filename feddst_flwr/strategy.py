@@ -17,7 +17,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, samp
 from .aggregation import ClientUpdate, aggregate
 from .codec import CodecError, decode, encode
 from .config import ExperimentConfig
-from .masks import Masks, apply_masks, hamming, layer_counts, random_masks, readjust_alpha
+from .masks import Masks, apply_masks, hamming, layer_counts, random_masks, readjust_alpha, shapes_of
 
 
 @dataclass
@@ -123,8 +123,8 @@ class FedDST(Strategy):
         unknown = sorted(set(self.maskable) - set(state))
         if unknown:
             raise ValueError(f"maskable layers {unknown} are not in the initial arrays")
-        self.shapes = {name: tuple(t.shape) for name, t in state.items()}
-        maskable_shapes = {name: self.shapes[name] for name in self.maskable}
+        self.shapes = shapes_of(state, list(state))
+        maskable_shapes = shapes_of(state, self.maskable)
         self.counts = layer_counts(maskable_shapes, self.sparsity, self.distribution)
         self.masks = random_masks(maskable_shapes, self.counts, self.seed)
         apply_masks(state, self.masks)
