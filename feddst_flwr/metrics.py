@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from logging import INFO
@@ -105,14 +106,14 @@ def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
     masks = masks or {}
     macs = 0
 
-    def count(name: str, module: nn.Module, output: torch.Tensor) -> None:
+    def count(name: str, module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         nonlocal macs
         active = int(masks[name].sum()) if name in masks else module.weight.numel()
         positions = 1 if isinstance(module, nn.Linear) else output[0, 0].numel()  # conv: output positions
         macs += active * positions
 
     hooks = [
-        module.register_forward_hook(lambda m, _i, o, name=weight_name(mod_name): count(name, m, o))
+        module.register_forward_hook(partial(count, weight_name(mod_name)))
         for mod_name, module in model.named_modules()
         if isinstance(module, MASKABLE_MODULES)
     ]
