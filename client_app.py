@@ -6,7 +6,7 @@ from flwr.clientapp import ClientApp
 
 from feddst_flwr.client import MissingMaskError, client_round
 from feddst_flwr.config import ExperimentConfig
-from feddst_flwr.data import load_partition
+from feddst_flwr.data import load_partition, load_raw
 from feddst_flwr.models import build_model
 
 app = ClientApp()
@@ -19,11 +19,10 @@ MISSING_MASK_CODE = 4001  # Error.code of a reply from a node that lacks the mas
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's partition and reply with the (sparse) update."""
     cfg = ExperimentConfig.from_run_config(context.run_config)
-    data = load_partition(
-        cfg.dataset, cfg.test_fraction, cfg.seed,
-        int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]),
-    )
-    model = build_model(cfg.model, cfg.seed)
+    raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
+    scheme = cfg.partition_scheme(cfg.num_partitions or int(context.node_config["num-partitions"]))
+    data = load_partition(raw, scheme, cfg.dataset, int(context.node_config["partition-id"]))
+    model = build_model(cfg.model, cfg.num_classes, cfg.seed)
     try:
         result = client_round(model, data, msg.content["arrays"], msg.content["config"], cfg, context.state)
     except MissingMaskError as err:

@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from feddst_flwr.config import ExperimentConfig
-from feddst_flwr.data import load_dataset
+from feddst_flwr.data import client_test_weights, load_raw, partitions, to_tensors
 from feddst_flwr.masks import maskable_names
 from feddst_flwr.metrics import MeteredGrid, RoundRecorder
 from feddst_flwr.models import build_model
@@ -21,12 +21,15 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured experiment; results go to <results-dir>/<run-name>/."""
     cfg = ExperimentConfig.from_run_config(context.run_config)
     random.seed(cfg.seed)  # Flower's baseline strategies sample with the global RNG
-    model = build_model(cfg.model, cfg.seed)
-    _, test_data = load_dataset(cfg.dataset, cfg.test_fraction, cfg.seed)
+    model = build_model(cfg.model, cfg.num_classes, cfg.seed)
+    raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
+    scheme = cfg.partition_scheme(cfg.num_partitions or len(list(grid.get_node_ids())))
+    client_weights = client_test_weights(raw, partitions(raw, scheme), scheme, cfg.num_classes)
     strategy = build_strategy(cfg, maskable_names(model))
     metered = MeteredGrid(grid)
     mask_state = (lambda: (strategy.masks, strategy.stats)) if isinstance(strategy, FedDST) else None
-    recorder = RoundRecorder(cfg, model, test_data, metered, mask_state)
+    test_data = to_tensors(cfg.dataset, raw.x_test, raw.y_test)
+    recorder = RoundRecorder(cfg, model, test_data, client_weights, metered, mask_state)
     strategy.start(
         grid=metered,
         initial_arrays=ArrayRecord(model.state_dict()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .data import DATASETS
+from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme
 from .models import MODELS
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "feddst", "feddst-prox", "randommask")
@@ -42,6 +42,13 @@ class ExperimentConfig:
     min_votes: int
     value_dtype: str
     dataset: str
+    data_dir: str
+    cache_dir: str
+    partition: str
+    num_partitions: int
+    shard_size: int
+    classes_per_client: int
+    dirichlet_beta: float
     test_fraction: float
     model: str
     eval_interval: int
@@ -85,6 +92,16 @@ class ExperimentConfig:
     def name(self) -> str:
         return self.run_name or f"{self.strategy}-{self.dataset}-seed{self.seed}"
 
+    @property
+    def num_classes(self) -> int:
+        return SPECS[self.dataset].num_classes
+
+    def partition_scheme(self, num_partitions: int) -> PartitionScheme:
+        """The partition of the training set over num_partitions clients."""
+        return PartitionScheme(
+            self.partition, num_partitions, self.shard_size, self.classes_per_client, self.dirichlet_beta, self.seed
+        )
+
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
         checks = [
@@ -108,6 +125,11 @@ class ExperimentConfig:
             (self.min_votes >= 1, "min-votes", ">= 1"),
             (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {VALUE_DTYPES}"),
             (self.dataset in DATASETS, "dataset", f"one of {DATASETS}"),
+            (self.partition in PARTITIONS, "partition", f"one of {PARTITIONS}"),
+            (self.num_partitions >= 0, "num-partitions", ">= 0 (0: the number of connected nodes)"),
+            (self.shard_size >= 0, "shard-size", ">= 0 (0: split each class among its clients)"),
+            (self.classes_per_client >= 1, "classes-per-client", ">= 1"),
+            (self.dirichlet_beta > 0, "dirichlet-beta", "> 0"),
             (0.0 < self.test_fraction < 1.0, "test-fraction", "in (0, 1)"),
             (self.model in MODELS, "model", f"one of {tuple(MODELS)}"),
             (self.eval_interval >= 1, "eval-interval", ">= 1"),

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
@@ -19,7 +20,7 @@ from torch import nn
 
 from .codec import payload_bytes
 from .config import ExperimentConfig
-from .data import TensorData
+from .data import TensorData, client_mean_accuracy
 from .masks import MASKABLE_MODULES, Masks, densities, total_density, weight_name
 from .strategy import RoundStats
 from .training import evaluate
@@ -135,12 +136,14 @@ class RoundRecorder:
         cfg: ExperimentConfig,
         model: nn.Module,
         test_data: TensorData,
+        client_weights: np.ndarray,
         grid: MeteredGrid,
         mask_state: Callable[[], tuple[Masks, RoundStats]] | None,
     ) -> None:
         self.cfg = cfg
         self.model = model
         self.test_data = test_data
+        self.client_weights = client_weights
         self.grid = grid
         self.mask_state = mask_state
         self.run_dir = Path(cfg.results_dir) / cfg.name
@@ -156,7 +159,9 @@ class RoundRecorder:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         record: dict = {"round": server_round}
         if server_round % self.cfg.eval_interval == 0 or server_round == self.cfg.num_server_rounds:
-            record["test-loss"], record["test-accuracy"] = evaluate(self.model, self.test_data)
+            result = evaluate(self.model, self.test_data, self.cfg.num_classes)
+            record["test-loss"], record["test-accuracy"] = result.loss, result.accuracy
+            record["client-mean-accuracy"] = client_mean_accuracy(result.class_accuracy, self.client_weights)
         record.update(self._traffic())
         record.update(self._sparsity())
         record["wall-time"] = time.time() - self.started
@@ -197,7 +202,11 @@ class RoundRecorder:
         }
 
     def _line(self, r: dict) -> str:
-        accuracy = f"acc {r['test-accuracy']:.4f} loss {r['test-loss']:.4f}" if "test-accuracy" in r else "acc -"
+        accuracy = (
+            f"acc {r['test-accuracy']:.4f} (client mean {r['client-mean-accuracy']:.4f}) loss {r['test-loss']:.4f}"
+            if "test-accuracy" in r
+            else "acc -"
+        )
         mask = f" | mask v{r['mask-version']} changed {r['mask-changed']}" if "mask-version" in r else ""
         return (
             f"[round {r['round']}/{self.cfg.num_server_rounds}] {accuracy} | up {r['upload-bytes'] / 1024:.1f} KiB"

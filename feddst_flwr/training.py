@@ -3,6 +3,9 @@ task-loss gradient used for regrowth (step 4), and evaluation."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -76,13 +79,26 @@ def dense_gradients(
     return grads
 
 
+@dataclass
+class Evaluation:
+    """Mean cross-entropy, accuracy and per-class accuracy (NaN for absent classes)."""
+
+    loss: float
+    accuracy: float
+    class_accuracy: np.ndarray
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, batch_size: int = 512) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) on a dataset."""
+def evaluate(model: nn.Module, data: TensorData, num_classes: int, batch_size: int = 512) -> Evaluation:
+    """Evaluate a model on a dataset in one pass."""
     model.eval()
-    loss, correct = 0.0, 0
+    loss = 0.0
+    correct = torch.zeros(num_classes, dtype=torch.long)
     for x, y in batches(data, batch_size, None):
         logits = model(x)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
-    return loss / len(data), correct / len(data)
+        correct += torch.bincount(y[logits.argmax(1) == y], minlength=num_classes)
+    total = torch.bincount(data.y, minlength=num_classes).numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        class_accuracy = correct.numpy() / total
+    return Evaluation(loss / len(data), int(correct.sum()) / len(data), class_accuracy)

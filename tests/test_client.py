@@ -247,8 +247,8 @@ def client_app():
 
 
 @pytest.fixture
-def context(run_config) -> Context:
-    run_config.update({"local-epochs": 1, "batch-size": 64})
+def context(run_config, tmp_path) -> Context:
+    run_config.update({"local-epochs": 1, "batch-size": 64, "cache-dir": str(tmp_path / "cache")})
     node_config = {"partition-id": 0, "num-partitions": 5}
     return Context(run_id=7, node_id=3, node_config=node_config, state=RecordDict(), run_config=run_config)
 
@@ -258,7 +258,7 @@ def app_server(context: Context) -> Server:
     from feddst_flwr.models import build_model
 
     cfg = ExperimentConfig.from_run_config(context.run_config)
-    return Server(build_model(cfg.model, cfg.seed))
+    return Server(build_model(cfg.model, cfg.num_classes, cfg.seed))
 
 
 def instruction(arrays: ArrayRecord, config: ConfigRecord, node_id: int = 3) -> Message:
@@ -279,13 +279,17 @@ def test_client_app_missing_mask_gives_error_reply(client_app, context):
 
 @pytest.mark.usefixtures("task_identity")
 def test_client_app_trains_and_keeps_the_mask_in_context_state(client_app, context):
-    from feddst_flwr.data import load_partition
+    from feddst_flwr.config import ExperimentConfig
+    from feddst_flwr.data import load_partition, load_raw
 
     server = app_server(context)
     first = client_app.app(instruction(server.payload(True), round_config(1, version=0)), context)
     second = client_app.train(instruction(server.payload(False), round_config(2, version=0)), context)
 
-    partition = load_partition("digits", 0.2, 0, 0, 5)
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
+    partition = load_partition(raw, cfg.partition_scheme(5), cfg.dataset, 0)
+    assert (cfg.dataset, cfg.partition) == ("digits", "pathological") and 0 < len(partition) < len(raw.y_train)
     for reply in (first, second):
         assert not reply.has_error()
         assert set(reply.content.array_records) == {"arrays"} and set(reply.content.metric_records) == {"metrics"}

@@ -13,6 +13,7 @@ from torch import nn
 
 from feddst_flwr.codec import encode, payload_bytes
 from feddst_flwr.config import ConfigError, ExperimentConfig
+from feddst_flwr.data import PartitionScheme
 from feddst_flwr.metrics import MeteredGrid, Traffic, forward_flops
 from feddst_flwr.models import DigitsCNN
 
@@ -54,6 +55,11 @@ def test_missing_key_is_named(run_config, key):
         ("strategy", 3),
         ("run-name", 0),
         ("sparsity", None),
+        ("num-partitions", 2.0),
+        ("shard-size", "20"),
+        ("dirichlet-beta", "0.5"),
+        ("data-dir", 0),
+        ("partition", None),
     ],
 )
 def test_wrong_type_is_named(run_config, key, value):
@@ -75,6 +81,8 @@ OUT_OF_RANGE = [
     ("sparsity-distribution", "gaussian"), ("alpha", 1.0), ("alpha", -0.01), ("delta-r", 0), ("r-end", -1),
     ("grow-batches", 0), ("min-votes", 0), ("value-dtype", "bfloat16"), ("test-fraction", 0.0),
     ("test-fraction", 1.0), ("eval-interval", 0), ("dataset", "imagenet"), ("model", "resnet-1000"),
+    ("partition", "shards"), ("num-partitions", -1), ("shard-size", -1), ("classes-per-client", 0),
+    ("dirichlet-beta", 0.0), ("dirichlet-beta", -0.5),
 ]  # fmt: skip
 
 
@@ -88,7 +96,9 @@ BOUNDARIES = [
     ("fraction-train", 1.0), ("clients-per-round", 0), ("momentum", 0.0), ("momentum", 0.99),
     ("weight-decay", 0.0), ("server-momentum", 0.0), ("sparsity", 0.0), ("alpha", 0.0), ("r-end", 0),
     ("num-server-rounds", 1), ("strategy", "randommask"), ("sparsity-distribution", "uniform"),
-    ("value-dtype", "float16"),
+    ("value-dtype", "float16"), ("num-partitions", 0), ("shard-size", 0), ("classes-per-client", 1),
+    ("dirichlet-beta", 1e-3), ("partition", "iid"), ("partition", "dirichlet"), ("partition", "natural"),
+    ("dataset", "femnist"), ("data-dir", "/some/where"), ("cache-dir", "/tmp/cache"),
 ]  # fmt: skip
 
 
@@ -96,6 +106,23 @@ BOUNDARIES = [
 def test_boundary_values_are_accepted(run_config, key, value):
     cfg = parse(run_config, **{key: value})
     assert getattr(cfg, key.replace("-", "_")) == value
+
+
+def test_partition_scheme_and_num_classes(run_config):
+    changes = {"partition": "dirichlet", "shard-size": 7, "classes-per-client": 3, "dirichlet-beta": 2, "seed": 5}
+    cfg = parse(run_config, dataset="cifar100", **changes)
+    assert cfg.partition_scheme(12) == PartitionScheme("dirichlet", 12, 7, 3, 2.0, 5)
+    assert cfg.num_classes == 100
+    assert parse(run_config).num_classes == 10  # digits
+    assert parse(run_config, dataset="femnist").num_classes == 62
+
+
+def test_pyproject_data_defaults(pyproject_config):
+    cfg = ExperimentConfig.from_run_config(pyproject_config)
+    assert (cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction) == ("digits", "", "", 0.2)
+    # the paper's pathological split: 2 classes per client, each class split among its holders
+    assert cfg.partition_scheme(50) == PartitionScheme("pathological", 50, 0, 2, 0.5, 0)
+    assert cfg.num_partitions == 0  # 0: one partition per connected node
 
 
 @pytest.mark.parametrize("rounds, r_end, expected", [(60, 0, 30), (61, 0, 30), (1, 0, 0), (60, 7, 7), (10, 25, 25)])

@@ -16,21 +16,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
+import tomllib
 import torch
 
 from feddst_flwr.masks import layer_counts, maskable_names, readjust_alpha
 from feddst_flwr.models import DigitsCNN
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 NODES = 5
 PORT = "39191"  # away from a developer's own local SuperLink (39091)
 FEDDST = {"num-server-rounds": 5, "delta-r": 2, "r-end": 5, "alpha": 0.2}
 
 
-def flwr_run(home: Path, results: Path, run_name: str, overrides: dict) -> list[dict]:
-    """Run the app with `flwr run --stream` and return its metrics.jsonl records."""
+def flwr_run(home: Path, results: Path, run_name: str, overrides: dict, preset: str = "") -> list[dict]:
+    """Run the app with `flwr run --stream` (on a preset's settings if given, as
+    `--run-config conf/X.toml` would) and return its metrics.jsonl records."""
     settings = {"clients-per-round": NODES, "results-dir": str(results), "run-name": run_name, **overrides}
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    if preset:  # flwr takes a TOML file or key=value pairs, not both: write the merged file
+        merged = {**tomllib.loads((ROOT / "conf" / f"{preset}.toml").read_text()), **settings}
+        run_config = str(results / f"{run_name}.toml")
+        Path(run_config).write_text(tomli_w.dumps(merged))
+    else:
+        run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -55,22 +64,28 @@ def superlink_pids(home: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def flwr_home(tmp_path_factory):
+    """FLWR_HOME with a 5-node local simulation; stops its SuperLink at the end."""
     home = tmp_path_factory.mktemp("flwr-home")
-    results = tmp_path_factory.mktemp("results")
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         f"options.num-supernodes = {NODES}\noptions.backend.client-resources.num-cpus = 1\n"
     )
     try:
-        yield {
-            "feddst": flwr_run(home, results, "feddst", FEDDST),
-            "fedavg": flwr_run(home, results, "fedavg", {"strategy": "fedavg", "num-server-rounds": 2}),
-        }
+        yield home
     finally:
         for pid in superlink_pids(home):
             os.kill(pid, signal.SIGTERM)
         time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def runs(flwr_home, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    return {
+        "feddst": flwr_run(flwr_home, results, "feddst", FEDDST),
+        "fedavg": flwr_run(flwr_home, results, "fedavg", {"strategy": "fedavg", "num-server-rounds": 2}),
+    }
 
 
 def dense_tensor_bytes(tensor: torch.Tensor) -> int:
@@ -128,3 +143,15 @@ def test_fedavg_through_the_same_client_app(runs):
         assert record["client-upload-bytes"] == record["upload-bytes"]
         assert record["density"] == 1.0
     assert records[-1]["test-accuracy"] > records[0]["test-accuracy"] + 0.2
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason=f"real MNIST not found at {SHARED_DATA}/mnist")
+def test_mnist_preset_two_rounds(flwr_home, tmp_path):
+    """conf/mnist-paper.toml (paper CNN, LotteryFL shards of 20) for 2 rounds on 5 clients."""
+    overrides = {"num-server-rounds": 2, "data-dir": str(SHARED_DATA), "cache-dir": str(tmp_path / "cache")}
+    records = flwr_run(flwr_home, tmp_path, "mnist-preset", overrides, preset="mnist-paper")
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert records[-1]["replies"] == NODES and records[-1]["failures"] == 0
+    assert 0.0 <= records[-1]["client-mean-accuracy"] <= 1.0
+    assert records[-1]["test-loss"] < records[0]["test-loss"]
+    assert records[-1]["flops"] < 0.3 * records[-1]["dense-flops"]

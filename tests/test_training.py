@@ -7,6 +7,7 @@ import copy
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,9 +18,10 @@ from conftest import erk_masks, random_data
 from feddst_flwr.data import TensorData
 from feddst_flwr.masks import apply_masks
 from feddst_flwr.models import DigitsCNN
-from feddst_flwr.training import batches, dense_gradients, evaluate, train
+from feddst_flwr.training import Evaluation, batches, dense_gradients, evaluate, train
 
 WIDTH = 8  # a narrow DigitsCNN keeps the tests fast
+NUM_CLASSES = 10  # DigitsCNN's outputs
 SGD = {"epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2}
 
 
@@ -112,7 +114,7 @@ def test_train_returns_mean_task_loss_over_steps(data):
     # lr 0: the weights never move, so every step's loss is the loss of the same model;
     # 24 samples in batches of 8 -> the mean of the batch means is the dataset mean
     model, masks, _ = masked_model()
-    expected, _ = evaluate(model, data)
+    expected = evaluate(model, data, NUM_CLASSES).loss
     loss = run(model, data, masks, lr=0.0, mu=100.0)  # the proximal term is 0 at w = w0
     assert loss == pytest.approx(expected, rel=1e-5)
 
@@ -208,17 +210,25 @@ def test_dense_gradients_of_more_batches_than_exist_use_all_data(data):
 # --------------------------------------------------------------------------- evaluate
 
 
-class FirstThreePixels(nn.Module):
-    """Logits are the first three input values: lets losses be worked out by hand."""
+class FirstPixels(nn.Module):
+    """Logits are the first `k` input values: lets losses be worked out by hand."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)[:, :3]
+        return x.flatten(1)[:, : self.k]
+
+
+def logits_data(logits: list[list[float]], labels: list[int]) -> TensorData:
+    """Samples whose pixels are the given logits (for FirstPixels)."""
+    x = torch.tensor(logits)
+    return TensorData(x.view(len(x), 1, 1, -1), torch.tensor(labels))
 
 
 def test_evaluate_matches_hand_computed_loss_and_accuracy():
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.0]])
-    labels = torch.tensor([0, 2, 1])
-    data = TensorData(logits.view(3, 1, 1, 3), labels)
+    data = logits_data([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.0]], [0, 2, 1])
     # CE = log(sum exp) - logit[label]
     expected_loss = (
         (math.log(math.e**2 + 2) - 2.0)  # sample 0, correct
@@ -226,18 +236,49 @@ def test_evaluate_matches_hand_computed_loss_and_accuracy():
         + (math.log(2 + math.exp(0.5)) - 0.5)  # sample 2, correct
     ) / 3
     for batch_size in (1, 2, 512):  # uneven last batch must not bias the mean
-        loss, accuracy = evaluate(FirstThreePixels(), data, batch_size=batch_size)
-        assert loss == pytest.approx(expected_loss, rel=1e-6)
-        assert accuracy == pytest.approx(2 / 3)
+        result = evaluate(FirstPixels(3), data, 3, batch_size=batch_size)
+        assert isinstance(result, Evaluation)
+        assert result.loss == pytest.approx(expected_loss, rel=1e-6)
+        assert result.accuracy == pytest.approx(2 / 3)
+        np.testing.assert_array_equal(result.class_accuracy, [1.0, 1.0, 0.0])
+
+
+def test_evaluate_class_accuracy_by_hand_with_an_absent_class():
+    # 4 classes; class 2 never occurs in the data (NaN), class 3 is never predicted right
+    data = logits_data(
+        [
+            [5.0, 0.0, 0.0, 0.0],  # label 0 -> 0  right
+            [0.0, 5.0, 0.0, 0.0],  # label 0 -> 1  wrong
+            [0.0, 5.0, 0.0, 0.0],  # label 1 -> 1  right
+            [0.0, 5.0, 0.0, 0.0],  # label 1 -> 1  right
+            [0.0, 0.0, 5.0, 0.0],  # label 1 -> 2  wrong (a prediction of the absent class)
+            [0.0, 0.0, 0.0, 5.0],  # label 0 -> 3  wrong
+            [5.0, 0.0, 0.0, 0.0],  # label 3 -> 0  wrong
+        ],
+        [0, 0, 1, 1, 1, 0, 3],
+    )
+    for batch_size in (1, 3, 512):
+        result = evaluate(FirstPixels(4), data, 4, batch_size=batch_size)
+        assert result.class_accuracy.shape == (4,)
+        np.testing.assert_allclose(result.class_accuracy, [1 / 3, 2 / 3, np.nan, 0.0])
+        assert result.accuracy == pytest.approx(3 / 7)
+        # per-class accuracies weighted by class counts give back the overall accuracy
+        counts = np.bincount(data.y.numpy(), minlength=4)
+        assert np.nansum(result.class_accuracy * counts) / counts.sum() == pytest.approx(result.accuracy)
 
 
 def test_evaluate_matches_full_batch_computation_on_digits_cnn(data):
     model, _, _ = masked_model()
     with torch.no_grad():
         logits = model(data.x)
-    loss, accuracy = evaluate(model, data, batch_size=5)
-    assert loss == pytest.approx(float(F.cross_entropy(logits, data.y)), rel=1e-5)
-    assert accuracy == int((logits.argmax(1) == data.y).sum()) / len(data)
+    result = evaluate(model, data, NUM_CLASSES, batch_size=5)
+    predicted = logits.argmax(1)
+    assert result.loss == pytest.approx(float(F.cross_entropy(logits, data.y)), rel=1e-5)
+    assert result.accuracy == int((predicted == data.y).sum()) / len(data)
+    for label in range(NUM_CLASSES):
+        chosen = data.y == label
+        expected = float((predicted[chosen] == label).float().mean()) if chosen.any() else math.nan
+        np.testing.assert_allclose(result.class_accuracy[label], expected, rtol=1e-12, err_msg=str(label))
     assert not model.training
 
 
