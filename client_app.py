@@ -1,12 +1,13 @@
 """ClientApp: one handler for dense (baselines) and sparse (FedDST) payloads."""
 
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from feddst_flwr.client import MissingMaskError, client_round
 from feddst_flwr.config import ExperimentConfig
 from feddst_flwr.data import load_partition, load_raw
+from feddst_flwr.grid import PARTITION_ID
 from feddst_flwr.models import build_model
 
 app = ClientApp()
@@ -21,10 +22,17 @@ def train(msg: Message, context: Context) -> Message:
     cfg = ExperimentConfig.from_run_config(context.run_config)
     raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
     scheme = cfg.partition_scheme(cfg.num_partitions or int(context.node_config["num-partitions"]))
-    data = load_partition(raw, scheme, cfg.dataset, int(context.node_config["partition-id"]))
+    data = load_partition(raw, scheme, cfg.dataset, int(context.node_config[PARTITION_ID]))
     model = build_model(cfg.model, cfg.num_classes, cfg.seed)
     try:
         result = client_round(model, data, msg.content["arrays"], msg.content["config"], cfg, context.state)
     except MissingMaskError as err:
         return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
     return Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition-id (its stable identity across runs)."""
+    metrics = MetricRecord({PARTITION_ID: int(context.node_config[PARTITION_ID])})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -18,87 +18,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from torch import nn
 
-from .codec import payload_bytes
 from .config import ExperimentConfig
 from .data import TensorData, client_mean_accuracy
+from .grid import ServerGrid, Traffic
 from .masks import MASKABLE_MODULES, Masks, densities, total_density, weight_name
 from .strategy import RoundStats
 from .training import evaluate
-
-
-@dataclass
-class Traffic:
-    """Payload bytes counted by the server, and as reported by the clients themselves."""
-
-    download: int = 0
-    upload: int = 0
-    client_download: int = 0
-    client_upload: int = 0
-    messages: int = 0
-    replies: int = 0
-
-
-def message_bytes(message: Message) -> int:
-    """Payload bytes of a message: all its ArrayRecords (0 for an error reply)."""
-    if message.has_error():
-        return 0
-    return sum(payload_bytes(record) for record in message.content.array_records.values())
-
-
-class MeteredGrid(Grid):
-    """A Grid that counts the payload bytes of every message sent and every reply received,
-    identically in simulation and deployment. `take()` returns and resets the count."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-        self.traffic = Traffic()
-
-    def take(self) -> Traffic:
-        traffic, self.traffic = self.traffic, Traffic()
-        return traffic
-
-    def _sent(self, messages: list[Message]) -> None:
-        self.traffic.download += sum(message_bytes(m) for m in messages)
-        self.traffic.messages += len(messages)
-
-    def _received(self, replies: list[Message]) -> None:
-        for reply in replies:
-            self.traffic.upload += message_bytes(reply)
-            self.traffic.replies += 1
-            if not reply.has_error() and "metrics" in reply.content.metric_records:
-                metrics = reply.content.metric_records["metrics"]
-                self.traffic.client_upload += int(metrics.get("upload-bytes", 0))
-                self.traffic.client_download += int(metrics.get("download-bytes", 0))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        self._sent(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self._received(replies)
-        return replies
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        self._sent(messages)
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self.grid.pull_messages(message_ids))
-        self._received(replies)
-        return replies
-
-    def set_run(self, run_id):  # type: ignore[no-untyped-def]
-        return self.grid.set_run(run_id)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
 
 
 def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
@@ -137,7 +62,7 @@ class RoundRecorder:
         model: nn.Module,
         test_data: TensorData,
         client_weights: np.ndarray,
-        grid: MeteredGrid,
+        grid: ServerGrid,
         mask_state: Callable[[], tuple[Masks, RoundStats]] | None,
     ) -> None:
         self.cfg = cfg

@@ -9,6 +9,8 @@ variant (3x3 stem, no max-pool) used by later FedDST comparisons."""
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torchvision
@@ -34,85 +36,39 @@ class DigitsCNN(nn.Module):
         return self.fc2(self.fc1(x.flatten(1)).relu())
 
 
-class MNISTCNN(nn.Module):
-    """The paper's MNIST CNN: 28 -conv5-> 24 -pool3/1-> 22 -conv5-> 18 -pool3/1-> 16,
-    so the flattened size is 20 * 16 * 16 = 5120."""
+class ConvNet(nn.Module):
+    """Two conv + ReLU + max-pool stages, then linear layers with ReLU between them: the
+    shape of the paper's MNIST/CIFAR CNNs and of LEAF's FEMNIST CNN."""
 
-    input_shape = (1, 28, 28)
-
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        channels: tuple[int, int],
+        hidden: tuple[int, ...],
+        kernel: int = 5,
+        padding: int = 0,
+        pool: tuple[int, int] = (3, 1),  # (kernel, stride)
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, 5)
-        self.conv2 = nn.Conv2d(10, 20, 5)
-        self.pool = nn.MaxPool2d(3, stride=1)
-        self.fc1 = nn.Linear(20 * 16 * 16, 50)
-        self.fc2 = nn.Linear(50, num_classes)
+        self.input_shape = input_shape
+        self.conv1 = nn.Conv2d(input_shape[0], channels[0], kernel, padding=padding)
+        self.conv2 = nn.Conv2d(channels[0], channels[1], kernel, padding=padding)
+        self.pool = nn.MaxPool2d(pool[0], stride=pool[1])
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, *input_shape)).shape[1]
+        sizes = (flat, *hidden, num_classes)
+        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+
+    def features(self, x: Tensor) -> Tensor:
+        x = self.pool(self.conv1(x).relu())
+        return self.pool(self.conv2(x).relu()).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(self.conv1(x).relu())
-        x = self.pool(self.conv2(x).relu())
-        return self.fc2(self.fc1(x.flatten(1)).relu())
-
-
-class CIFAR10CNN(nn.Module):
-    """The paper's CIFAR-10 CNN (~782k weights, ~4.6 MFLOPs): 32 -conv5-> 28 -pool3/1-> 26
-    -conv5-> 22 -pool3/1-> 20, so the flattened size is 16 * 20 * 20 = 6400."""
-
-    input_shape = (3, 32, 32)
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.pool = nn.MaxPool2d(3, stride=1)
-        self.fc1 = nn.Linear(16 * 20 * 20, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(self.conv1(x).relu())
-        x = self.pool(self.conv2(x).relu())
-        x = self.fc1(x.flatten(1)).relu()
-        return self.fc3(self.fc2(x).relu())
-
-
-class CIFAR100CNN(nn.Module):
-    """The paper's CIFAR-100 CNN: the CIFAR-10 CNN without the 84-unit layer."""
-
-    input_shape = (3, 32, 32)
-
-    def __init__(self, num_classes: int = 100) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.pool = nn.MaxPool2d(3, stride=1)
-        self.fc1 = nn.Linear(16 * 20 * 20, 120)
-        self.fc2 = nn.Linear(120, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(self.conv1(x).relu())
-        x = self.pool(self.conv2(x).relu())
-        return self.fc2(self.fc1(x.flatten(1)).relu())
-
-
-class FEMNISTCNN(nn.Module):
-    """LEAF's FEMNIST CNN: 28 -conv5 pad2-> 28 -pool2-> 14 -conv5 pad2-> 14 -pool2-> 7,
-    so the flattened size is 64 * 7 * 7 = 3136."""
-
-    input_shape = (1, 28, 28)
-
-    def __init__(self, num_classes: int = 62) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 5, padding=2)
-        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
-        self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(64 * 7 * 7, 2048)
-        self.fc2 = nn.Linear(2048, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(self.conv1(x).relu())
-        x = self.pool(self.conv2(x).relu())
-        return self.fc2(self.fc1(x.flatten(1)).relu())
+        x = self.features(x)
+        for layer in self.fc[:-1]:
+            x = layer(x).relu()
+        return self.fc[-1](x)
 
 
 class ResNet18(torchvision.models.ResNet):
@@ -128,12 +84,15 @@ class ResNet18(torchvision.models.ResNet):
         self.maxpool = nn.Identity()
 
 
-MODELS: dict[str, type[nn.Module]] = {
+# name -> constructor taking num_classes. Flattened sizes: MNIST 28-conv5->24-pool3/1->22
+# -conv5->18-pool3/1->16: 20*16*16 = 5120; CIFAR 32->28->26->22->20: 16*20*20 = 6400
+# (~782k weights, ~4.6 MFLOPs); LEAF FEMNIST 28-conv5 pad2->28-pool2->14->14->7: 64*7*7 = 3136.
+MODELS: dict[str, Callable[[int], nn.Module]] = {
     "digits-cnn": DigitsCNN,
-    "mnist-cnn": MNISTCNN,
-    "cifar10-cnn": CIFAR10CNN,
-    "cifar100-cnn": CIFAR100CNN,
-    "femnist-cnn": FEMNISTCNN,
+    "mnist-cnn": partial(ConvNet, input_shape=(1, 28, 28), channels=(10, 20), hidden=(50,)),
+    "cifar10-cnn": partial(ConvNet, input_shape=(3, 32, 32), channels=(6, 16), hidden=(120, 84)),
+    "cifar100-cnn": partial(ConvNet, input_shape=(3, 32, 32), channels=(6, 16), hidden=(120,)),
+    "femnist-cnn": partial(ConvNet, input_shape=(1, 28, 28), channels=(32, 64), hidden=(2048,), padding=2, pool=(2, 2)),
     "resnet18": ResNet18,
 }
 

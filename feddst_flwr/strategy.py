@@ -139,7 +139,7 @@ class FedDST(Strategy):
         connected = len(list(grid.get_node_ids()))
         size = self.clients_per_round or max(int(connected * self.fraction_train), self.min_train_nodes)
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, size)  # waits for nodes
-        return self.rng.sample(sorted(all_nodes), size)
+        return self.rng.sample(all_nodes, size)  # in the grid's order (ServerGrid: by partition-id)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

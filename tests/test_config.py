@@ -1,5 +1,5 @@
 """Tests for feddst_flwr.config (run-config parsing and validation) and for the
-measurements in feddst_flwr.metrics (forward FLOPs, MeteredGrid byte counting)."""
+measurements in feddst_flwr.metrics (forward FLOPs)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
-from feddst_flwr.codec import encode, payload_bytes
 from feddst_flwr.config import ConfigError, ExperimentConfig
 from feddst_flwr.data import PartitionScheme
-from feddst_flwr.metrics import MeteredGrid, Traffic, forward_flops
+from feddst_flwr.metrics import forward_flops
 from feddst_flwr.models import DigitsCNN
 
 KEYS = [field.name.replace("_", "-") for field in dataclasses.fields(ExperimentConfig)]
@@ -194,88 +192,3 @@ def test_forward_flops_masks_a_root_level_layer():
     (name,) = maskable_names(model)  # "weight"
     masks = {name: first_k_mask((3, 4), 5)}
     assert forward_flops(model, masks) == 2 * 5
-
-
-# --------------------------------------------------------------------------- MeteredGrid
-
-
-class EchoGrid:
-    """Inner grid: replies to every message with a fixed reply content."""
-
-    def __init__(self, reply_content) -> None:
-        self.reply_content = reply_content
-        self.sent: list[Message] = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        self.sent.extend(messages)
-        return [self.reply_content(m) for m in messages]
-
-    def push_messages(self, messages):
-        self.sent.extend(messages)
-        return [str(i) for i, _ in enumerate(messages)]
-
-    def pull_messages(self, message_ids):
-        return [self.reply_content(self.sent[int(i)]) for i in message_ids]
-
-    def get_node_ids(self):
-        return [5, 6, 7]
-
-
-def tensors(seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(4, 6, generator=generator), "b": torch.randn(4, generator=generator)}
-
-
-def sparse_record(send_mask: bool) -> ArrayRecord:
-    masks = {"w": first_k_mask((4, 6), 7)}
-    return encode(tensors(0), masks, send_mask)
-
-
-def instruction(node_id: int, records: dict) -> Message:
-    return Message(content=RecordDict(records), message_type=MessageType.TRAIN, dst_node_id=node_id)
-
-
-def reply_for(message: Message) -> Message:
-    node = message.metadata.dst_node_id
-    if node == 3:
-        return Message(Error(code=4001, reason="missing mask"), reply_to=message)
-    arrays = sparse_record(send_mask=node == 2)
-    metrics = MetricRecord({"num-examples": 10, "upload-bytes": 1000 + node, "download-bytes": 2000 + node})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
-
-
-@pytest.mark.usefixtures("task_identity")
-def test_metered_grid_counts_payload_bytes_and_take_resets():
-    grid = MeteredGrid(EchoGrid(reply_for))
-    extra = ArrayRecord(tensors(1))  # a second ArrayRecord in one message counts too
-    messages = [
-        instruction(1, {"arrays": sparse_record(True), "config": ConfigRecord({"x": 1})}),
-        instruction(2, {"arrays": sparse_record(False), "extra": extra}),
-        instruction(3, {"arrays": ArrayRecord(tensors(2))}),
-    ]
-    replies = list(grid.send_and_receive(iter(messages), timeout=5.0))
-
-    download = payload_bytes(sparse_record(True)) + payload_bytes(sparse_record(False)) + payload_bytes(extra)
-    download += payload_bytes(ArrayRecord(tensors(2)))
-    upload = payload_bytes(sparse_record(False)) + payload_bytes(sparse_record(True))  # node 3 replied an error
-    assert payload_bytes(sparse_record(True)) - payload_bytes(sparse_record(False)) == 3  # 24 mask bits
-    assert len(replies) == 3 and replies[2].has_error()
-    traffic = grid.take()
-    assert traffic == Traffic(
-        download=download, upload=upload, client_download=2001 + 2002, client_upload=1001 + 1002, messages=3, replies=3
-    )
-    assert grid.take() == Traffic()
-
-
-@pytest.mark.usefixtures("task_identity")
-def test_metered_grid_counts_push_and_pull():
-    inner = EchoGrid(reply_for)
-    grid = MeteredGrid(inner)
-    messages = [instruction(1, {"arrays": sparse_record(True)}), instruction(2, {"arrays": sparse_record(True)})]
-    ids = list(grid.push_messages(messages))
-    assert grid.traffic.download == 2 * payload_bytes(sparse_record(True)) and grid.traffic.replies == 0
-    list(grid.pull_messages(ids))
-    traffic = grid.take()
-    assert (traffic.messages, traffic.replies) == (2, 2)
-    assert traffic.upload == payload_bytes(sparse_record(False)) + payload_bytes(sparse_record(True))
-    assert grid.get_node_ids() == [5, 6, 7]

@@ -1,0 +1,107 @@
+"""The server's view of the Grid (Flower's node messaging): payload byte metering and a
+stable node order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from .codec import payload_bytes
+
+PARTITION_ID = "partition-id"
+
+
+def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
+    """Ask every connected node for its partition-id (a QUERY message, answered by the
+    client app); node ids change from run to run, partition ids do not."""
+    query = RecordDict({"config": ConfigRecord({"query": PARTITION_ID})})
+    messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
+    order = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if not reply.has_error() and PARTITION_ID in reply.content.metric_records.get("metrics", {}):
+            order[reply.metadata.src_node_id] = int(reply.content.metric_records["metrics"][PARTITION_ID])
+    return order
+
+
+@dataclass
+class Traffic:
+    """Payload bytes counted by the server, and as reported by the clients themselves."""
+
+    download: int = 0
+    upload: int = 0
+    client_download: int = 0
+    client_upload: int = 0
+    messages: int = 0
+    replies: int = 0
+
+
+def message_bytes(message: Message) -> int:
+    """Payload bytes of a message: all its ArrayRecords (0 for an error reply)."""
+    if message.has_error():
+        return 0
+    return sum(payload_bytes(record) for record in message.content.array_records.values())
+
+
+class ServerGrid(Grid):
+    """A Grid that counts the payload bytes of every message sent and every reply received
+    (identically in simulation and deployment; `take()` returns and resets the count), lists
+    nodes in a stable order (by partition-id, see `partition_ids`) and returns replies in the
+    order the messages were sent, so seeded sampling and aggregation are reproducible."""
+
+    def __init__(self, grid: Grid, node_order: dict[int, int] | None = None) -> None:
+        self.grid = grid
+        self.node_order = node_order or {}
+        self.traffic = Traffic()
+
+    def take(self) -> Traffic:
+        traffic, self.traffic = self.traffic, Traffic()
+        return traffic
+
+    def _sent(self, messages: list[Message]) -> None:
+        self.traffic.download += sum(message_bytes(m) for m in messages)
+        self.traffic.messages += len(messages)
+
+    def _received(self, replies: list[Message]) -> None:
+        for reply in replies:
+            self.traffic.upload += message_bytes(reply)
+            self.traffic.replies += 1
+            if not reply.has_error() and "metrics" in reply.content.metric_records:
+                metrics = reply.content.metric_records["metrics"]
+                self.traffic.client_upload += int(metrics.get("upload-bytes", 0))
+                self.traffic.client_download += int(metrics.get("download-bytes", 0))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self._sent(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self._received(replies)
+        position = {m.metadata.dst_node_id: i for i, m in enumerate(messages)}
+        return sorted(replies, key=lambda r: position.get(r.metadata.src_node_id, len(position)))
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._sent(messages)
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
+        self._received(replies)
+        return replies
+
+    def set_run(self, run_id):  # type: ignore[no-untyped-def]
+        return self.grid.set_run(run_id)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Connected nodes by partition-id (unknown nodes last, by id)."""
+        nodes = self.grid.get_node_ids()
+        return sorted(nodes, key=lambda n: (0, self.node_order[n]) if n in self.node_order else (1, n))
