@@ -34,6 +34,9 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 CLASSES = ("truck", "airplane", "cat")  # sorted: airplane=0, cat=1, truck=2
 
 
+REAL_FROM_HUB = data._from_hub
+
+
 @pytest.fixture(autouse=True)
 def fresh_and_offline(monkeypatch):
     """Every test starts from empty in-memory caches and may not reach the hub."""
@@ -397,6 +400,48 @@ def test_hub_download_is_cached(cache, monkeypatch):
     assert calls == ["mnist"]
     assert_same(first, small)
     assert_same(second, small)
+
+
+class FakeFederatedDataset:
+    """Stands in for flwr_datasets.FederatedDataset: serves Hugging Face Datasets of PIL images."""
+
+    splits: dict = {}
+
+    def __init__(self, *, dataset: str, partitioners: dict, shuffle: bool) -> None:
+        if dataset not in self.splits:
+            raise ConnectionError(f"cannot reach the hub for {dataset}")
+        self.dataset = dataset
+
+    def load_split(self, split: str):
+        return self.splits[self.dataset][split]
+
+
+def hf_split(images: np.ndarray, labels, image_key: str = "img"):
+    from datasets import Dataset
+    from PIL import Image
+
+    pil = [Image.fromarray(im.transpose(1, 2, 0) if im.shape[0] == 3 else im[0]) for im in images]
+    return Dataset.from_dict({image_key: pil, "label": list(labels)})
+
+
+def test_hub_loading_converts_federated_dataset_splits(cache, monkeypatch):
+    import flwr_datasets
+
+    train, test = pixels(5, (3, 32, 32)), pixels(3, (3, 32, 32), 1)
+    FakeFederatedDataset.splits = {"uoft-cs/cifar10": {"train": hf_split(train, [0, 1, 2, 3, 4]), "test": hf_split(test, [9, 8, 7])}}
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeFederatedDataset)
+    monkeypatch.setattr(data, "_from_hub", REAL_FROM_HUB)
+    assert_same(load_raw("cifar10", "", cache), expected_raw(train, [0, 1, 2, 3, 4], test, [9, 8, 7]))
+
+
+def test_hub_failure_names_the_hub_id_and_the_local_alternative(cache, monkeypatch):
+    import flwr_datasets
+
+    FakeFederatedDataset.splits = {}
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeFederatedDataset)
+    monkeypatch.setattr(data, "_from_hub", REAL_FROM_HUB)
+    with pytest.raises(DatasetNotFoundError, match=r"'uoft-cs/cifar100'.*ConnectionError.*data-dir"):
+        load_raw("cifar100", "", cache)
 
 
 LAYOUTS = {  # decoder name -> (dataset, writer of its source under data_dir)
