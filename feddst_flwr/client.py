@@ -45,6 +45,28 @@ def store_masks(state: RecordDict, masks: Masks, version: int) -> None:
     state.config_records[VERSION_STATE_KEY] = ConfigRecord({"version": version})
 
 
+def receive(
+    model: torch.nn.Module, arrays: ArrayRecord, config: ConfigRecord, node_state: RecordDict
+) -> tuple[dict[str, torch.Tensor], Masks | None]:
+    """Decode the server's payload (dense for baselines); a sparse one is decoded with the
+    bitmask it carries, which the node then keeps, or with the mask the node holds."""
+    initial = model.state_dict()
+    if not is_sparse(arrays):
+        return arrays.to_torch_state_dict(), None
+    maskable = maskable_names(model)
+    version = int(config["mask-version"])
+    held = held_masks(node_state, version, shapes_of(initial, maskable))
+    if held is None and not carries_mask(arrays):
+        raise MissingMaskError(
+            f"{MISSING_MASK}: the server sent values for mask version {version} without its bitmask "
+            "and this node does not hold that version; it will get the mask next round"
+        )
+    decoded = decode(arrays, shapes_of(initial, list(initial)), maskable, held)
+    if decoded.mask_sent:
+        store_masks(node_state, decoded.masks, version)
+    return decoded.state, decoded.masks
+
+
 def client_round(
     model: torch.nn.Module,
     data: TensorData,
@@ -54,24 +76,7 @@ def client_round(
     node_state: RecordDict,
 ) -> ClientResult:
     """Run one training round on a node and build its reply."""
-    initial = model.state_dict()
-    reference = shapes_of(initial, list(initial))
-    masks: Masks | None = None
-    if is_sparse(arrays):
-        maskable = maskable_names(model)
-        version = int(config["mask-version"])
-        held = held_masks(node_state, version, shapes_of(initial, maskable))
-        if held is None and not carries_mask(arrays):
-            raise MissingMaskError(
-                f"{MISSING_MASK}: the server sent values for mask version {version} without its bitmask "
-                "and this node does not hold that version; it will get the mask next round"
-            )
-        decoded = decode(arrays, reference, maskable, held)
-        if decoded.mask_sent:
-            store_masks(node_state, decoded.masks, version)
-        state, masks = decoded.state, decoded.masks
-    else:
-        state = arrays.to_torch_state_dict()
+    state, masks = receive(model, arrays, config, node_state)
     model.load_state_dict(state)
 
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(config["server-round"]))

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import time
 from functools import partial
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
-from flwr.serverapp import Grid
 from torch import nn
 
 from .config import ExperimentConfig
