@@ -8,10 +8,8 @@ import io
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import tomli_w
 import tomllib
 import torch
 
+import sim
 from feddst_flwr.masks import layer_counts, maskable_names, readjust_alpha
 from feddst_flwr.models import DigitsCNN
 
@@ -57,12 +56,6 @@ def flwr_run(home: Path, results: Path, run_name: str, overrides: dict, preset: 
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def superlink_pids(home: Path) -> list[int]:
-    """PIDs of the background SuperLink that `flwr run` started for this FLWR_HOME."""
-    found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
-
-
 @pytest.fixture(scope="module")
 def flwr_home(tmp_path_factory):
     """FLWR_HOME with a 5-node local simulation; stops its SuperLink at the end."""
@@ -74,9 +67,7 @@ def flwr_home(tmp_path_factory):
     try:
         yield home
     finally:
-        for pid in superlink_pids(home):
-            os.kill(pid, signal.SIGTERM)
-        time.sleep(1)
+        sim.stop_superlink(home)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,144 @@
+"""Experiment reports: strategies compared at equal cumulative upload (the paper's axis),
+from the `metrics.jsonl` files of `results/<experiment>/<strategy>-seed<k>/`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+GIB = 2**30
+METRIC = "client-mean-accuracy"  # the paper's metric
+
+
+@dataclass
+class Run:
+    """One finished run: its per-round records (round 0 is the initial model)."""
+
+    strategy: str
+    seed: int
+    records: list[dict]
+
+    def curve(self, metric: str = METRIC) -> tuple[np.ndarray, np.ndarray]:
+        """(cumulative upload bytes, metric) at every evaluated round."""
+        points = [(r["cum-upload-bytes"], r[metric]) for r in self.records if metric in r]
+        upload, value = zip(*points)
+        return np.asarray(upload, dtype=np.float64), np.asarray(value, dtype=np.float64)
+
+    @property
+    def total_upload(self) -> int:
+        return self.records[-1]["cum-upload-bytes"]
+
+
+def load_runs(experiment_dir: Path) -> dict[str, list[Run]]:
+    """Finished runs (those with a `done` marker) by strategy, seeds in order."""
+    runs: dict[str, list[Run]] = {}
+    for run_dir in sorted(p for p in experiment_dir.iterdir() if (p / "done").exists()):
+        strategy, _, seed = run_dir.name.rpartition("-seed")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs.setdefault(strategy, []).append(Run(strategy, int(seed), records))
+    for seeds in runs.values():
+        seeds.sort(key=lambda run: run.seed)
+    return runs
+
+
+def value_at_cap(run: Run, cap: float, metric: str = METRIC) -> float:
+    """The metric at a cumulative-upload cap, linearly interpolated between the evaluated
+    rounds around it; NaN if the run stopped before spending the cap."""
+    upload, value = run.curve(metric)
+    if cap > upload[-1]:
+        return math.nan
+    return float(np.interp(cap, upload, value))
+
+
+def mean_at_cap(runs: list[Run], cap: float, metric: str = METRIC) -> float:
+    """Mean over seeds of value_at_cap (NaN if any seed stopped short of the cap)."""
+    return float(np.mean([value_at_cap(run, cap, metric) for run in runs]))
+
+
+def caps(runs: dict[str, list[Run]], reference: str = "feddst") -> dict[str, float]:
+    """The upload caps of the table: FedDST's mean total upload, half of it and twice it."""
+    if reference not in runs:
+        raise ValueError(f"the report needs finished '{reference}' runs for its upload caps; found {sorted(runs)}")
+    total = float(np.mean([run.total_upload for run in runs[reference]]))
+    return {"0.5x": total / 2, "1x": total, "2x": 2 * total}
+
+
+def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: str = "feddst") -> str:
+    """Markdown table: metric at the caps, final metric, traffic, FLOPs and wall time,
+    means over seeds; then the paper's claimed gap against FedAvgM."""
+    limits = caps(runs, reference)
+    header = (
+        f"| strategy | seeds | {' | '.join(f'{metric} at {k} ({v / GIB:.3f} GiB)' for k, v in limits.items())} "
+        "| final | upload GiB | download GiB | forward MFLOPs | wall s |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for strategy, seeds in runs.items():
+        final = [run.records[-1] for run in seeds]
+        at_caps = " | ".join(_fmt(mean_at_cap(seeds, cap, metric)) for cap in limits.values())
+        lines.append(
+            f"| {strategy} | {len(seeds)} | {at_caps} | {_fmt(np.mean([_last(run, metric) for run in seeds]))} "
+            f"| {np.mean([r['cum-upload-bytes'] for r in final]) / GIB:.3f} "
+            f"| {np.mean([r['cum-download-bytes'] for r in final]) / GIB:.3f} "
+            f"| {np.mean([r['flops'] for r in final]) / 1e6:.2f} | {np.mean([r['wall-time'] for r in final]):.0f} |"
+        )
+    lines += ["", *gap_lines(runs, limits["1x"], metric, reference)]
+    return "\n".join(lines) + "\n"
+
+
+def gap_lines(runs: dict[str, list[Run]], cap: float, metric: str, reference: str = "feddst") -> list[str]:
+    """The paper's claim: FedDST minus FedAvgM at equal upload, and with 2x upload for FedAvgM."""
+    if "fedavgm" not in runs:
+        return ["(no fedavgm runs: the paper's FedDST - FedAvgM gap is not reported)"]
+    ours = mean_at_cap(runs[reference], cap, metric)
+    return [
+        f"{reference} - fedavgm at equal upload ({cap / GIB:.3f} GiB): "
+        f"{_fmt(ours - mean_at_cap(runs['fedavgm'], cap, metric), signed=True)}",
+        f"{reference} at {cap / GIB:.3f} GiB - fedavgm at 2x ({2 * cap / GIB:.3f} GiB): "
+        f"{_fmt(ours - mean_at_cap(runs['fedavgm'], 2 * cap, metric), signed=True)}",
+    ]
+
+
+def plot(runs: dict[str, list[Run]], path: Path, metric: str = METRIC) -> None:
+    """Metric vs cumulative upload (GiB) and vs round: mean over seeds, min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_upload, by_round) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for strategy, seeds in runs.items():
+        grid = np.linspace(0, min(run.total_upload for run in seeds), 200)
+        curves = np.stack([[value_at_cap(run, cap, metric) for cap in grid] for run in seeds])
+        _band(by_upload, grid / GIB, curves, strategy)
+        rounds = np.asarray([r["round"] for r in seeds[0].records if metric in r])
+        values = np.stack([[r[metric] for r in run.records if metric in r] for run in seeds])
+        _band(by_round, rounds, values, strategy)
+    by_upload.set_xlabel("cumulative upload, all clients (GiB)")
+    by_round.set_xlabel("round")
+    for axis in (by_upload, by_round):
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _band(axis, x: np.ndarray, values: np.ndarray, label: str) -> None:
+    (line,) = axis.plot(x, values.mean(axis=0), label=f"{label} (n={len(values)})")
+    if len(values) > 1:
+        axis.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+
+
+def _last(run: Run, metric: str) -> float:
+    return run.curve(metric)[1][-1]
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"

@@ -1,0 +1,178 @@
+"""Experiment runner: one preset x strategies x seeds, each run through `flwr run` (Flower's
+simulation engine on Ray), one after another; then the report.
+
+    python sim.py NAME          # experiments/NAME.toml: run what is not finished yet, then report
+    python sim.py report NAME   # report only
+
+An experiment file names a preset (conf/<preset>.toml), the strategies, the seeds and the
+number of simulated nodes, plus run-config overrides for all runs ([run-config]) and per
+strategy ([strategy.NAME]). Results go to results/<experiment>/<strategy>-seed<k>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from feddst_flwr import report
+
+ROOT = Path(__file__).resolve().parent
+ROUND_LINE = re.compile(r"\[round (\d+)/(\d+)\] (acc [^|]*?) ?\| up [^(]*\(cum ([\d.]+) MiB\)")
+
+
+@dataclass
+class Experiment:
+    """An experiment file, resolved."""
+
+    name: str
+    preset: dict
+    strategies: list[str]
+    seeds: list[int]
+    num_supernodes: int
+    run_config: dict = field(default_factory=dict)
+    per_strategy: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Experiment:
+        spec = tomllib.loads(path.read_text())
+        missing = {"preset", "strategies", "seeds", "num-supernodes"} - set(spec)
+        if missing:
+            raise ValueError(f"{path}: missing keys {sorted(missing)}")
+        preset = ROOT / "conf" / f"{spec['preset']}.toml"
+        if not preset.exists():
+            raise ValueError(f"{path}: preset '{spec['preset']}' not found at {preset}")
+        unknown = set(spec.get("strategy", {})) - set(spec["strategies"])
+        if unknown:
+            raise ValueError(f"{path}: [strategy.X] sections for strategies not in the list: {sorted(unknown)}")
+        return cls(
+            path.stem, tomllib.loads(preset.read_text()), list(spec["strategies"]), list(spec["seeds"]),
+            int(spec["num-supernodes"]), spec.get("run-config", {}), spec.get("strategy", {}),
+        )  # fmt: skip
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(strategy, seed) for strategy in self.strategies for seed in self.seeds]
+
+    def config(self, strategy: str, seed: int, results: Path) -> dict:
+        """The full run config of one run: preset, then overrides, then its identity."""
+        return {
+            **self.preset, **self.run_config, **self.per_strategy.get(strategy, {}),
+            "strategy": strategy, "seed": seed, "results-dir": str(results), "run-name": f"{strategy}-seed{seed}",
+        }  # fmt: skip
+
+
+Runner = Callable[[dict, int, Path], None]  # (run config, num supernodes, FLWR_HOME)
+
+
+def run_experiment(experiment: Experiment, results: Path, runner: Runner) -> None:
+    """Run every (strategy, seed) without a `done` marker; a run left unfinished by an
+    interruption is deleted and restarted from scratch."""
+    home = results / ".flwr-home"
+    stop_superlink(home)  # an interrupted sim.py may have left a run going
+    todo = experiment.runs()
+    for index, (strategy, seed) in enumerate(todo, 1):
+        run_dir = results / f"{strategy}-seed{seed}"
+        if (run_dir / "done").exists():
+            print(f"[{index}/{len(todo)}] {run_dir.name}: finished, skipped")
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = experiment.config(strategy, seed, results)
+        print(f"[{index}/{len(todo)}] {run_dir.name}: {config['num-server-rounds']} rounds", flush=True)
+        runner(config, experiment.num_supernodes, home)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        if len(lines) != config["num-server-rounds"] + 1:
+            raise RuntimeError(f"{run_dir}: run ended with {len(lines)} of {config['num-server-rounds'] + 1} records")
+        (run_dir / "done").write_text("")
+    stop_superlink(home)
+
+
+def flwr_run(config: dict, num_supernodes: int, home: Path) -> None:
+    """One run with `flwr run --stream` on a local simulation SuperLink; prints progress."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        f"options.num-supernodes = {num_supernodes}\noptions.backend.client-resources.num-cpus = 1\n"
+    )
+    config_file = home / f"{config['run-name']}.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    command = [str(Path(sys.executable).with_name("flwr")), "run", str(ROOT), "--run-config", str(config_file), "--stream"]
+    started = time.time()
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        tail = []
+        for line in process.stdout:
+            tail = (tail + [line])[-40:]
+            match = ROUND_LINE.search(line)
+            if match:
+                print(progress(match, time.time() - started), flush=True)
+    if process.returncode:
+        raise RuntimeError(f"flwr run failed ({process.returncode}):\n{''.join(tail)}")
+
+
+def progress(match: re.Match, elapsed: float) -> str:
+    """`  round r/R | acc ... | cum upload X MiB | ETA s` from a round log line."""
+    done, total = int(match[1]), int(match[2])
+    eta = f"{elapsed / done * (total - done):.0f} s" if done else "-"
+    return f"  round {done}/{total} | {match[3]} | cum upload {match[4]} MiB | ETA {eta}"
+
+
+def stop_superlink(home: Path) -> None:
+    """Stop the local SuperLink of this FLWR_HOME and the run processes it started."""
+    found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True, text=True)
+    for pid in map(int, found.stdout.split()):
+        children = subprocess.run(["pgrep", "-f", f"flower-superexec.*--parent-pid {pid}"], capture_output=True, text=True)
+        for child in map(int, children.stdout.split()):
+            _terminate(child, group=True)  # superexec leads the group of the simulation's processes
+        _terminate(pid)
+    if found.stdout.split():
+        time.sleep(2)
+
+
+def _terminate(pid: int, group: bool = False) -> None:
+    """SIGTERM a process, or its whole process group; one already gone is fine."""
+    try:
+        if group:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def write_report(results: Path) -> str:
+    """REPORT.md and curves.png in the experiment's results folder; returns the table."""
+    runs = report.load_runs(results)
+    table = report.summary_table(runs)
+    (results / "REPORT.md").write_text(f"# {results.name}\n\n![curves](curves.png)\n\n{table}")
+    report.plot(runs, results / "curves.png")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="+", metavar="[report] EXPERIMENT")
+    args = parser.parse_args().args
+    only_report = args[0] == "report"
+    path = Path(args[-1])
+    if not path.exists():
+        path = ROOT / "experiments" / f"{args[-1]}.toml"
+    experiment = Experiment.load(path)
+    results = ROOT / "results" / experiment.name
+    if not only_report:
+        run_experiment(experiment, results, flwr_run)
+    print(write_report(results))
+
+
+if __name__ == "__main__":
+    main()

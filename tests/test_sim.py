@@ -1,0 +1,159 @@
+"""sim.py (experiment runner: resumption, configs) and feddst_flwr.report (caps, tables, plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import sim
+from feddst_flwr import report
+
+GIB = 2**30
+
+
+def records(uploads_gib: list[float], accuracies: list[float], eval_every: int = 1) -> list[dict]:
+    """Synthetic metrics.jsonl records: round r has cumulative upload uploads_gib[r]."""
+    out = []
+    for r, (up, acc) in enumerate(zip(uploads_gib, accuracies)):
+        record = {"round": r, "cum-upload-bytes": int(up * GIB), "cum-download-bytes": int(2 * up * GIB),
+                  "flops": 1e6 * (r + 1), "wall-time": 10.0 * r}  # fmt: skip
+        if r % eval_every == 0 or r == len(uploads_gib) - 1:
+            record["client-mean-accuracy"] = acc
+        out.append(record)
+    return out
+
+
+def write_run(folder: Path, name: str, recs: list[dict], done: bool = True) -> None:
+    (folder / name).mkdir(parents=True)
+    (folder / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    if done:
+        (folder / name / "done").write_text("")
+
+
+@pytest.fixture
+def experiment_dir(tmp_path) -> Path:
+    write_run(tmp_path, "feddst-seed0", records([0, 1, 2], [0.1, 0.5, 0.7]))
+    write_run(tmp_path, "feddst-seed1", records([0, 1, 2], [0.1, 0.6, 0.8]))
+    write_run(tmp_path, "fedavgm-seed0", records([0, 2, 4, 6], [0.1, 0.3, 0.5, 0.9], eval_every=2))
+    write_run(tmp_path, "fedavg-seed0", records([0, 1], [0.1, 0.2]), done=False)  # interrupted: not reported
+    return tmp_path
+
+
+def test_load_runs_takes_finished_runs_by_strategy_and_seed(experiment_dir):
+    runs = report.load_runs(experiment_dir)
+    assert sorted(runs) == ["fedavgm", "feddst"]
+    assert [run.seed for run in runs["feddst"]] == [0, 1]
+
+
+def test_value_at_cap_interpolates_between_evaluated_rounds(experiment_dir):
+    run = report.load_runs(experiment_dir)["fedavgm"][0]  # evaluated at 0, 4 and 6 GiB: 0.1, 0.5, 0.9
+    assert report.value_at_cap(run, 2 * GIB) == pytest.approx(0.3)  # halfway between 0 and 4 GiB
+    assert report.value_at_cap(run, 5 * GIB) == pytest.approx(0.7)
+    assert report.value_at_cap(run, 6 * GIB) == pytest.approx(0.9)
+    assert math.isnan(report.value_at_cap(run, 6.5 * GIB))  # it never spent that much
+
+
+def test_caps_and_table(experiment_dir):
+    runs = report.load_runs(experiment_dir)
+    assert report.caps(runs) == {"0.5x": 1 * GIB, "1x": 2 * GIB, "2x": 4 * GIB}
+    table = report.summary_table(runs)
+    feddst = next(line for line in table.splitlines() if line.startswith("| feddst "))
+    # mean over seeds at 1, 2 and 4 GiB (4 is past both feddst runs), final, upload/download GiB, MFLOPs, wall
+    assert feddst == "| feddst | 2 | 0.5500 | 0.7500 | n/a | 0.7500 | 2.000 | 4.000 | 3.00 | 20 |"
+    fedavgm = next(line for line in table.splitlines() if line.startswith("| fedavgm "))
+    assert fedavgm.startswith("| fedavgm | 1 | 0.2000 | 0.3000 | 0.5000 | 0.9000 | 6.000 | 12.000 |")
+    assert "at 0.5x (1.000 GiB)" in table.splitlines()[0]
+    assert "feddst - fedavgm at equal upload (2.000 GiB): +0.4500" in table
+    assert "feddst at 2.000 GiB - fedavgm at 2x (4.000 GiB): +0.2500" in table
+
+
+def test_report_needs_feddst_runs(tmp_path):
+    write_run(tmp_path, "fedavg-seed0", records([0, 1], [0.1, 0.2]))
+    with pytest.raises(ValueError, match="needs finished 'feddst' runs"):
+        report.summary_table(report.load_runs(tmp_path))
+
+
+def test_write_report_makes_markdown_and_plot(experiment_dir):
+    table = sim.write_report(experiment_dir)
+    assert (experiment_dir / "REPORT.md").read_text().endswith(table)
+    assert (experiment_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def experiment(tmp_path, **extra) -> sim.Experiment:
+    path = tmp_path / "exp.toml"
+    path.write_text(
+        'preset = "digits"\nstrategies = ["feddst", "fedavg"]\nseeds = [0, 1]\nnum-supernodes = 6\n'
+        "[run-config]\nnum-server-rounds = 2\n[strategy.fedavg]\nlr = 0.05\n" + "".join(extra.values())
+    )
+    return sim.Experiment.load(path)
+
+
+def test_experiment_configs_layer_preset_overrides_and_identity(tmp_path):
+    exp = experiment(tmp_path)
+    config = exp.config("fedavg", 1, tmp_path / "out")
+    assert config["dataset"] == "digits" and config["num-server-rounds"] == 2 and config["lr"] == 0.05
+    assert (config["strategy"], config["seed"], config["run-name"]) == ("fedavg", 1, "fedavg-seed1")
+    assert exp.config("feddst", 0, tmp_path)["lr"] == 0.1  # the preset's
+    assert exp.runs() == [("feddst", 0), ("feddst", 1), ("fedavg", 0), ("fedavg", 1)]
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('strategies = ["feddst"]\nseeds = [0]\nnum-supernodes = 5\n', "missing keys \\['preset'\\]"),
+        ('preset = "nope"\nstrategies = ["feddst"]\nseeds = [0]\nnum-supernodes = 5\n', "preset 'nope' not found"),
+        ('preset = "digits"\nstrategies = ["feddst"]\nseeds = [0]\nnum-supernodes = 5\n[strategy.fedavg]\nlr = 1.0\n',
+         "not in the list"),
+    ],
+)  # fmt: skip
+def test_bad_experiment_files_are_named(tmp_path, text, problem):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=problem):
+        sim.Experiment.load(path)
+
+
+class FakeRunner:
+    """Writes a run's metrics like the ServerApp would; can fail mid-run."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def __call__(self, config: dict, num_supernodes: int, home: Path) -> None:
+        self.calls.append(config["run-name"])
+        run_dir = Path(config["results-dir"]) / config["run-name"]
+        run_dir.mkdir(parents=True)
+        rounds = 1 if config["run-name"] == self.fail else config["num-server-rounds"] + 1
+        (run_dir / "metrics.jsonl").write_text("{}\n" * rounds)
+
+
+def test_resumption_skips_finished_runs_and_restarts_interrupted_ones(tmp_path):
+    exp, results = experiment(tmp_path), tmp_path / "results"
+    write_run(results, "feddst-seed0", records([0, 1, 2], [0.1, 0.2, 0.3]))  # finished
+    write_run(results, "feddst-seed1", records([0, 1], [0.1, 0.2]), done=False)  # interrupted
+    (results / "feddst-seed1" / "stale").write_text("from the interrupted run")
+    runner = FakeRunner()
+    sim.run_experiment(exp, results, runner)
+    assert runner.calls == ["feddst-seed1", "fedavg-seed0", "fedavg-seed1"]
+    assert not (results / "feddst-seed1" / "stale").exists()
+    assert all((results / name / "done").exists() for name in ("feddst-seed1", "fedavg-seed0", "fedavg-seed1"))
+    sim.run_experiment(exp, results, runner)  # everything finished: nothing runs again
+    assert len(runner.calls) == 3
+
+
+def test_a_run_that_ends_early_is_not_marked_done(tmp_path):
+    exp, results = experiment(tmp_path), tmp_path / "results"
+    with pytest.raises(RuntimeError, match="1 of 3 records"):
+        sim.run_experiment(exp, results, FakeRunner(fail="feddst-seed1"))
+    assert (results / "feddst-seed0" / "done").exists() and not (results / "feddst-seed1" / "done").exists()
+
+
+def test_progress_line_from_a_round_log_line():
+    line = ("INFO :      [round 15/60] acc 0.7306 (client mean 0.7300) loss 0.8669 | up 1378.8 KiB "
+            "(cum 18.04 MiB) down 1268.1 KiB (cum 19.31 MiB) | density 0.200")  # fmt: skip
+    text = sim.progress(sim.ROUND_LINE.search(line), elapsed=30.0)
+    assert text == "  round 15/60 | acc 0.7306 (client mean 0.7300) loss 0.8669 | cum upload 18.04 MiB | ETA 90 s"
