@@ -53,3 +53,40 @@ def aggregate(
 def _weighted(stacked: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """Multiply each client's slice by its weight."""
     return stacked * torch.tensor(weights, dtype=torch.float64).view(-1, *[1] * (stacked.dim() - 1))
+
+
+SERVER_OPTIMIZERS = ("none", "momentum", "adam")
+
+
+class ServerOptimizer:
+    """FedOpt on FedDST's sparse pseudo-gradient (Reddi et al. 2021): delta = the re-pruned
+    aggregate minus the previous global model; `momentum` steps by lr * v with
+    v = beta1 v + delta (FedAvgM), `adam` by lr * m / (sqrt(v) + tau) (FedAdam); `none`
+    takes the aggregate as is. Pruned weights and their optimizer state stay zero."""
+
+    def __init__(self, kind: str, lr: float, beta1: float, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        if kind not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server optimizer '{kind}' not in {SERVER_OPTIMIZERS}")
+        self.kind, self.lr, self.beta1, self.beta2, self.tau = kind, lr, beta1, beta2, tau
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+
+    def step(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], masks: Masks) -> dict[str, torch.Tensor]:
+        """The next global state from the previous one and the re-pruned aggregate."""
+        if self.kind == "none":
+            return new
+        state = {}
+        for name, target in new.items():
+            delta = target - old[name]
+            m = self.m.get(name, torch.zeros_like(delta))
+            if self.kind == "momentum":
+                self.m[name] = self.beta1 * m + delta
+                state[name] = old[name] + self.lr * self.m[name]
+            else:
+                self.m[name] = self.beta1 * m + (1 - self.beta1) * delta
+                self.v[name] = self.beta2 * self.v.get(name, torch.zeros_like(delta)) + (1 - self.beta2) * delta**2
+                state[name] = old[name] + self.lr * self.m[name] / (self.v[name].sqrt() + self.tau)
+        apply_masks(state, masks)
+        apply_masks(self.m, masks)
+        apply_masks(self.v, {name: mask for name, mask in masks.items() if name in self.v})
+        return state

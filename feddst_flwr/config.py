@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from .aggregation import SERVER_OPTIMIZERS
 from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme
 from .models import MODELS
 
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "feddst", "feddst-prox", "randommask")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "feddst", "feddst-prox", "randommask")
 SPARSE_STRATEGIES = ("feddst", "feddst-prox", "randommask")
 DISTRIBUTIONS = ("erk", "er", "uniform")
 VALUE_DTYPES = ("float32", "float16")
@@ -33,6 +34,10 @@ class ExperimentConfig:
     weight_decay: float
     proximal_mu: float
     server_momentum: float
+    server_optimizer: str
+    server_lr: float
+    server_beta2: float
+    server_tau: float
     sparsity: float
     sparsity_distribution: str
     alpha: float
@@ -93,6 +98,12 @@ class ExperimentConfig:
         return self.run_name or f"{self.strategy}-{self.dataset}-seed{self.seed}"
 
     @property
+    def effective_server_lr(self) -> float:
+        """server-lr, or its default: 0.01 for Adam (fedadam, server-optimizer adam), else 1.0."""
+        adam = self.strategy == "fedadam" or (self.is_sparse and self.server_optimizer == "adam")
+        return self.server_lr or (0.01 if adam else 1.0)
+
+    @property
     def num_classes(self) -> int:
         return SPECS[self.dataset].num_classes
 
@@ -116,6 +127,10 @@ class ExperimentConfig:
             (self.weight_decay >= 0, "weight-decay", ">= 0"),
             (self.proximal_mu >= 0, "proximal-mu", ">= 0"),
             (0.0 <= self.server_momentum < 1.0, "server-momentum", "in [0, 1)"),
+            (self.server_optimizer in SERVER_OPTIMIZERS, "server-optimizer", f"one of {SERVER_OPTIMIZERS}"),
+            (self.server_lr >= 0, "server-lr", ">= 0 (0: 1.0, or 0.01 for adam)"),
+            (0.0 <= self.server_beta2 < 1.0, "server-beta2", "in [0, 1)"),
+            (self.server_tau > 0, "server-tau", "> 0"),
             (0.0 <= self.sparsity < 1.0, "sparsity", "in [0, 1)"),
             (self.sparsity_distribution in DISTRIBUTIONS, "sparsity-distribution", f"one of {DISTRIBUTIONS}"),
             (0.0 <= self.alpha < 1.0, "alpha", "in [0, 1)"),

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Result, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
-from .aggregation import ClientUpdate, aggregate
+from .aggregation import ClientUpdate, ServerOptimizer, aggregate
 from .codec import CodecError, decode, encode
 from .config import ExperimentConfig
 from .masks import Masks, apply_masks, hamming, layer_counts, random_masks, readjust_alpha, shapes_of
@@ -62,6 +63,8 @@ class FedDST(Strategy):
         Wire dtype of the sparse values ("float32" or "float16").
     seed : int (default: 0)
         Seeds the initial mask and the node sampling.
+    server_optimizer : ServerOptimizer | None (default: None)
+        FedOpt step on the aggregated sparse pseudo-gradient; None: plain FedDST.
     """
 
     # pylint: disable=too-many-arguments,too-many-instance-attributes
@@ -81,6 +84,7 @@ class FedDST(Strategy):
         min_votes: int = 1,
         value_dtype: str = "float32",
         seed: int = 0,
+        server_optimizer: ServerOptimizer | None = None,
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
@@ -99,6 +103,7 @@ class FedDST(Strategy):
         self.min_votes = min_votes
         self.value_dtype = value_dtype
         self.seed = seed
+        self.server_optimizer = server_optimizer or ServerOptimizer("none", 1.0, 0.0)
         self.weighted_by_key = weighted_by_key
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
@@ -108,6 +113,7 @@ class FedDST(Strategy):
         self.masks: Masks = {}
         self.mask_version = 0
         self.delivered: dict[int, int] = {}  # node id -> mask version it holds
+        self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
         self.stats = RoundStats()
 
     def summary(self) -> None:
@@ -146,7 +152,7 @@ class FedDST(Strategy):
     ) -> Iterable[Message]:
         """Step 2 and 7: global values for every node, the mask bits only for nodes that
         do not hold the current mask version."""
-        state = arrays.to_torch_state_dict()
+        state = self.global_state = arrays.to_torch_state_dict()
         alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.r_end)
         self.stats = RoundStats(mask_version=self.mask_version, readjust_alpha=alpha_r)
         config = ConfigRecord(
@@ -190,6 +196,7 @@ class FedDST(Strategy):
         if not updates:
             return None, None
         state, masks = aggregate(updates, self.counts, self.min_votes)
+        state = self.server_optimizer.step(self.global_state, state, masks)
         self.stats.mask_changed = hamming(masks, self.masks)
         if self.stats.mask_changed:
             self.mask_version += 1
@@ -233,7 +240,15 @@ def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
     if cfg.strategy == "fedavg":
         return FedAvg(fraction_evaluate=0.0, **sampling)
     if cfg.strategy == "fedavgm":
-        return FedAvgM(fraction_evaluate=0.0, server_momentum=cfg.server_momentum, **sampling)
+        return FedAvgM(
+            fraction_evaluate=0.0, server_learning_rate=cfg.effective_server_lr, server_momentum=cfg.server_momentum,
+            **sampling,
+        )
+    if cfg.strategy == "fedadam":
+        return FedAdam(
+            fraction_evaluate=0.0, eta=cfg.effective_server_lr, eta_l=cfg.lr, beta_1=cfg.server_momentum,
+            beta_2=cfg.server_beta2, tau=cfg.server_tau, **sampling,
+        )
     if cfg.strategy == "fedprox":
         return FedProx(fraction_evaluate=0.0, proximal_mu=cfg.proximal_mu, **sampling)
     return FedDST(
@@ -250,4 +265,7 @@ def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
         min_votes=cfg.min_votes,
         value_dtype=cfg.value_dtype,
         seed=cfg.seed,
+        server_optimizer=ServerOptimizer(
+            cfg.server_optimizer, cfg.effective_server_lr, cfg.server_momentum, cfg.server_beta2, cfg.server_tau
+        ),
     )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from feddst_flwr.aggregation import ClientUpdate, aggregate, sparse_average
+from feddst_flwr.aggregation import ClientUpdate, ServerOptimizer, aggregate, sparse_average
 
 NAN = float("nan")  # marks a pruned position in the tables below
 SHAPE = (2, 3)
@@ -160,3 +160,46 @@ def test_aggregate_fills_count_when_too_few_weights_got_votes():
     assert masks["w"].flatten()[[0, 1, 5]].all()
     assert positions(masks["w"]) == [0, 1, 2, 5]  # fill by lowest index
     assert flat(state["w"]) == pytest.approx([1.75, 1.4, 0.0, 0.0, 0.0, 125 / 70], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- server optimizer
+
+
+def optimizer_case():
+    """Previous global (w kept at positions 0 and 1 of 3) and a re-pruned aggregate keeping 1 and 2."""
+    old = {"w": torch.tensor([1.0, 2.0, 0.0]), "b": torch.tensor([0.5])}
+    new = {"w": torch.tensor([0.0, 3.0, 4.0]), "b": torch.tensor([1.5])}
+    return old, new, {"w": torch.tensor([False, True, True])}
+
+
+def test_server_optimizer_none_takes_the_aggregate():
+    old, new, masks = optimizer_case()
+    assert ServerOptimizer("none", 1.0, 0.9).step(old, new, masks) is new
+
+
+def test_server_optimizer_momentum_by_hand():
+    old, new, masks = optimizer_case()
+    opt = ServerOptimizer("momentum", lr=0.5, beta1=0.9)
+    first = opt.step(old, new, masks)  # v = delta = (-1, 1, 4) for w, (1) for b; theta = old + 0.5 v
+    assert torch.equal(first["w"], torch.tensor([0.0, 2.5, 2.0]))  # position 0 pruned: exactly 0
+    assert torch.equal(first["b"], torch.tensor([1.0]))
+    assert torch.equal(opt.m["w"], torch.tensor([0.0, 1.0, 4.0]))  # pruned momentum is dropped
+    second = opt.step(first, new, masks)  # v = 0.9 v + (new - first) = (0, 0.9 + 0.5, 3.6 + 2)
+    assert torch.allclose(second["w"], torch.tensor([0.0, 2.5 + 0.5 * 1.4, 2.0 + 0.5 * 5.6]))
+
+
+def test_server_optimizer_adam_by_hand():
+    old, new, masks = optimizer_case()
+    opt = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    state = opt.step(old, new, masks)
+    delta = torch.tensor([-1.0, 1.0, 4.0])
+    m, v = 0.1 * delta, 0.01 * delta**2  # (1 - beta1) delta, (1 - beta2) delta^2
+    expected = old["w"] + 0.1 * m / (v.sqrt() + 1e-3)
+    assert torch.allclose(state["w"], expected * masks["w"]) and state["w"][0] == 0
+    assert torch.equal(opt.v["w"][0], torch.tensor(0.0))
+    assert torch.allclose(state["b"], torch.tensor([0.5 + 0.1 * 0.1 / (0.1 + 1e-3)]))
+
+
+def test_unknown_server_optimizer():
+    with pytest.raises(ValueError, match="server optimizer 'sgd'"):
+        ServerOptimizer("sgd", 1.0, 0.9)

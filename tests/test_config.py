@@ -79,6 +79,7 @@ OUT_OF_RANGE = [
     ("sparsity-distribution", "gaussian"), ("alpha", 1.0), ("alpha", -0.01), ("delta-r", 0), ("r-end", -1),
     ("grow-batches", 0), ("min-votes", 0), ("value-dtype", "bfloat16"), ("test-fraction", 0.0),
     ("test-fraction", 1.0), ("eval-interval", 0), ("dataset", "imagenet"), ("model", "resnet-1000"),
+    ("server-optimizer", "sgd"), ("server-lr", -0.1), ("server-beta2", 1.0), ("server-tau", 0.0),
     ("partition", "shards"), ("num-partitions", -1), ("shard-size", -1), ("classes-per-client", 0),
     ("dirichlet-beta", 0.0), ("dirichlet-beta", -0.5),
 ]  # fmt: skip

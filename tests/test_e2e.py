@@ -155,3 +155,19 @@ def test_same_seed_same_run(flwr_home, tmp_path):
     strip = [{k: v for k, v in record.items() if k != "wall-time"} for record in first + second]
     assert strip[: len(first)] == strip[len(first) :]
     assert first[-1]["mask-version"] >= 1  # the readjustments moved the mask
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"strategy": "fedavgm"}, {"strategy": "fedprox", "proximal-mu": 0.01}, {"strategy": "fedadam"},
+     {"strategy": "feddst-prox", "proximal-mu": 0.01}, {"strategy": "randommask"},
+     {"strategy": "feddst", "server-optimizer": "adam"}],
+    ids=["fedavgm", "fedprox", "fedadam", "feddst-prox", "randommask", "feddst-adam"],
+)  # fmt: skip
+def test_every_strategy_runs_two_rounds(flwr_home, tmp_path, overrides):
+    records = flwr_run(flwr_home, tmp_path, "two-rounds", {"num-server-rounds": 2, "local-epochs": 1, **overrides})
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["replies"] == NODES and r["failures"] == 0 for r in records[1:])
+    assert records[-1]["test-loss"] < records[0]["test-loss"]
+    sparse = overrides["strategy"] not in ("fedavgm", "fedprox", "fedadam")
+    assert (records[-1]["density"] < 0.5) == sparse

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from conftest import random_data
 from feddst_flwr.aggregation import ClientUpdate, aggregate
@@ -368,7 +368,9 @@ def test_start_runs_rounds_through_a_grid(make_cfg):
 # --------------------------------------------------------------------------- build_strategy
 
 
-@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedavgm", FedAvgM), ("fedprox", FedProx)])
+@pytest.mark.parametrize(
+    "name, cls", [("fedavg", FedAvg), ("fedavgm", FedAvgM), ("fedprox", FedProx), ("fedadam", FedAdam)]
+)
 def test_build_strategy_baselines(make_cfg, name, cls):
     cfg = make_cfg(strategy=name, proximal_mu=0.01)
     strategy = build_strategy(cfg, MASKABLE)
@@ -376,9 +378,24 @@ def test_build_strategy_baselines(make_cfg, name, cls):
     assert strategy.fraction_evaluate == 0.0
     assert (strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes) == (0.2, 2, 2)
     if name == "fedavgm":
-        assert strategy.server_momentum == 0.9
+        assert (strategy.server_momentum, strategy.server_learning_rate) == (0.9, 1.0)
     if name == "fedprox":
         assert strategy.proximal_mu == 0.01
+    if name == "fedadam":  # server-lr 0 means Adam's default step 0.01
+        assert (strategy.eta, strategy.beta_1, strategy.beta_2, strategy.tau) == (0.01, 0.9, 0.99, 1e-3)
+
+
+@pytest.mark.parametrize(
+    "strategy, optimizer, server_lr, expected",
+    [("fedadam", "none", 0.0, 0.01), ("fedadam", "none", 0.1, 0.1), ("fedavgm", "none", 0.0, 1.0),
+     ("feddst", "adam", 0.0, 0.01), ("feddst", "momentum", 0.0, 1.0), ("feddst", "momentum", 0.5, 0.5)],
+)  # fmt: skip
+def test_server_lr_defaults_per_optimizer(make_cfg, strategy, optimizer, server_lr, expected):
+    cfg = make_cfg(strategy=strategy, server_optimizer=optimizer, server_lr=server_lr)
+    assert cfg.effective_server_lr == expected
+    built = build_strategy(cfg, MASKABLE)
+    if strategy == "feddst":
+        assert (built.server_optimizer.kind, built.server_optimizer.lr) == (optimizer, expected)
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox"])
