@@ -28,7 +28,7 @@ def train(msg: Message, context: Context) -> Message:
         result = client_round(model, data, msg.content["arrays"], msg.content["config"], cfg, context.state)
     except MissingMaskError as err:
         return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
-    return Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=msg)
+    return Message(result.content(), reply_to=msg)
 
 
 @app.query()

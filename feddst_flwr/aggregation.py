@@ -11,11 +11,13 @@ from .masks import Masks, apply_masks, magnitude_prune
 
 @dataclass
 class ClientUpdate:
-    """One client's decoded reply: dense tensors (pruned weights zero), its masks, n_c."""
+    """One client's decoded reply: dense tensors (pruned weights zero), its masks, n_c, and
+    (PruneFL reconfiguration rounds) its dense squared gradients."""
 
     state: dict[str, torch.Tensor]
     masks: Masks
     num_examples: int
+    gradients: dict[str, torch.Tensor] | None = None
 
 
 def sparse_average(updates: list[ClientUpdate], min_votes: int = 1) -> tuple[dict[str, torch.Tensor], Masks]:

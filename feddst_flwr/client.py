@@ -24,10 +24,20 @@ class MissingMaskError(RuntimeError):
     """The server sent values for a mask version this node does not hold."""
 
 
+GRADIENTS_KEY = "gradients"  # reply ArrayRecord of dense squared gradients (PruneFL)
+
+
 @dataclass
 class ClientResult:
+    """A node's reply: the (sparse) weights, metrics, and PruneFL's gradients when asked."""
+
     arrays: ArrayRecord
     metrics: MetricRecord
+    gradients: ArrayRecord | None = None
+
+    def content(self) -> RecordDict:
+        extra = {GRADIENTS_KEY: self.gradients} if self.gradients is not None else {}
+        return RecordDict({"arrays": self.arrays, **extra, "metrics": self.metrics})
 
 
 def held_masks(state: RecordDict, version: int, shapes: dict[str, tuple[int, ...]]) -> Masks | None:
@@ -95,14 +105,19 @@ def client_round(
 
     weights = model.state_dict()
     reply = encode(weights, new_masks, changed > 0, cfg.value_dtype) if new_masks is not None else ArrayRecord(weights)
+    gradients = None
+    if int(config.get("upload-gradients", 0)):  # PruneFL reconfiguration round
+        names = maskable_names(model)
+        squared = dense_gradients(model, data, names, cfg.grow_batches, cfg.batch_size, generator, squared=True)
+        gradients = ArrayRecord(squared)
     metrics = MetricRecord(
         {
             "num-examples": len(data),
             "train-loss": loss,
             "mask-changed": changed,
-            "upload-bytes": payload_bytes(reply),
+            "upload-bytes": payload_bytes(reply) + (payload_bytes(gradients) if gradients is not None else 0),
             "download-bytes": payload_bytes(arrays),
         }
     )
-    return ClientResult(reply, metrics)
+    return ClientResult(reply, metrics, gradients)
 

@@ -86,12 +86,12 @@ def decode(record: ArrayRecord, reference: Shapes, maskable: list[str], held: Ma
         missing = sorted(set(maskable) - set(mask_keys))
         raise CodecError(f"payload has bitmasks for some maskable layers but not for {missing}")
     mask_sent = bool(mask_keys)
-    if not mask_sent and held is None:
+    if maskable and not mask_sent and held is None:
         raise CodecError("payload carries no bitmask and no mask is held to decode it")
     state, masks = {}, {}
     for name, shape in reference.items():
         if name not in maskable:
-            state[name] = _decode_dense(name, record[name], shape)
+            state[name] = decode_dense(name, record[name], shape)
             continue
         mask = _decode_mask(name, record[name + MASK_SUFFIX], shape) if mask_sent else held[name]
         if tuple(mask.shape) != shape:
@@ -117,7 +117,8 @@ def _check_names(record: ArrayRecord, reference: Shapes, maskable: list[str]) ->
         raise CodecError(f"payload is missing layers {missing}")
 
 
-def _decode_dense(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
+def decode_dense(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
+    """A dense numpy.ndarray Array, validated (stype, numeric dtype, shape, finite)."""
     if array.stype != DENSE_STYPE:
         raise CodecError(f"layer '{name}': dense tensor expected stype '{DENSE_STYPE}', got '{array.stype}'")
     try:

@@ -9,8 +9,8 @@ from .aggregation import SERVER_OPTIMIZERS
 from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme
 from .models import MODELS
 
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "feddst", "feddst-prox", "randommask")
-SPARSE_STRATEGIES = ("feddst", "feddst-prox", "randommask")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "feddst", "feddst-prox", "randommask", "prunefl")
+SPARSE_STRATEGIES = ("feddst", "feddst-prox", "randommask", "prunefl")
 DISTRIBUTIONS = ("erk", "er", "uniform")
 VALUE_DTYPES = ("float32", "float16")
 
@@ -85,8 +85,9 @@ class ExperimentConfig:
 
     @property
     def effective_alpha(self) -> float:
-        """randommask is FedDST with alpha = 0 (the random ERK mask never moves)."""
-        return 0.0 if self.strategy == "randommask" else self.alpha
+        """randommask is FedDST with alpha = 0 (the random ERK mask never moves); PruneFL's
+        clients never readjust either (its server does)."""
+        return 0.0 if self.strategy in ("randommask", "prunefl") else self.alpha
 
     @property
     def effective_mu(self) -> float:

@@ -16,9 +16,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result, S
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from .aggregation import ClientUpdate, ServerOptimizer, aggregate
-from .codec import CodecError, decode, encode
+from .client import GRADIENTS_KEY
+from .codec import CodecError, decode, decode_dense, encode
 from .config import ExperimentConfig
-from .masks import Masks, apply_masks, hamming, layer_counts, random_masks, readjust_alpha, shapes_of
+from .masks import Masks, apply_masks, hamming, layer_counts, magnitude_prune, random_masks, readjust_alpha, shapes_of
 
 
 @dataclass
@@ -196,6 +197,8 @@ class FedDST(Strategy):
         if not updates:
             return None, None
         state, masks = aggregate(updates, self.counts, self.min_votes)
+        masks = self.reconfigure(updates, masks)
+        apply_masks(state, masks)
         state = self.server_optimizer.step(self.global_state, state, masks)
         self.stats.mask_changed = hamming(masks, self.masks)
         if self.stats.mask_changed:
@@ -203,6 +206,10 @@ class FedDST(Strategy):
         self.stats.mask_version = self.mask_version
         self.masks = masks
         return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)
+
+    def reconfigure(self, updates: list[ClientUpdate], masks: Masks) -> Masks:
+        """The next global mask after aggregation: FedDST keeps the re-pruned one."""
+        return masks
 
     def _decode_reply(self, reply: Message) -> ClientUpdate:
         """Validate one reply; CodecError names the problem."""
@@ -228,6 +235,61 @@ class FedDST(Strategy):
         return None
 
 
+class PruneFL(FedDST):
+    """PruneFL (Jiang et al. 2022) as the FedDST paper compares it: the initial mask is one
+    client's locally trained model pruned by magnitude to the ERK counts; clients never
+    readjust (alpha = 0), but every delta_r rounds up to r_end they also upload their dense
+    squared gradients (counted in full), and the server keeps, per layer, the weights of
+    highest sample-weighted importance; weights that enter the mask start at zero."""
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        """Initialise from one client's pruning, then run Flower's round loop."""
+        self.initialize(initial_arrays)
+        return Strategy.start(self, grid, self.prune_on_one_client(grid, initial_arrays), *args, **kwargs)
+
+    def prune_on_one_client(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
+        """Train the dense initial model on the first node (grid order), prune it by magnitude."""
+        _, nodes = sample_nodes(grid, self.min_available_nodes, 1)
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({"server-round": 0})})
+        (reply,) = grid.send_and_receive([Message(content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)])
+        if reply.has_error():
+            raise RuntimeError(f"PruneFL's initial pruning failed on node {nodes[0]}: {reply.error.reason}")
+        state = decode(reply.content.array_records[self.arrayrecord_key], self.shapes, [], None).state
+        everywhere = {name: torch.ones_like(mask) for name, mask in self.masks.items()}
+        self.masks = magnitude_prune(state, everywhere, self.counts)
+        apply_masks(state, self.masks)
+        return ArrayRecord(state)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask for dense squared gradients on reconfiguration rounds."""
+        reconfigure = server_round <= self.r_end and server_round % self.delta_r == 0
+        return super().configure_train(server_round, arrays, ConfigRecord({**config, "upload-gradients": int(reconfigure)}), grid)
+
+    def reconfigure(self, updates: list[ClientUpdate], masks: Masks) -> Masks:
+        """On reconfiguration rounds, the top importance sum(n_c g_c^2) / sum(n_c) per layer."""
+        reporting = [u for u in updates if u.gradients is not None]
+        if not reporting:
+            return masks
+        total = sum(u.num_examples for u in reporting)
+        importance = {
+            name: sum(u.num_examples * u.gradients[name] for u in reporting) / total for name in masks
+        }
+        everywhere = {name: torch.ones_like(mask) for name, mask in masks.items()}
+        return magnitude_prune(importance, everywhere, self.counts)
+
+    def _decode_reply(self, reply: Message) -> ClientUpdate:
+        """FedDST's validation, plus the dense gradients when the reply carries them."""
+        update = super()._decode_reply(reply)
+        if GRADIENTS_KEY in reply.content.array_records:
+            record = reply.content.array_records[GRADIENTS_KEY]
+            if set(record) != set(self.maskable):
+                raise CodecError(f"gradients cover {sorted(record)}, expected {sorted(self.maskable)}")
+            update.gradients = {name: decode_dense(name, record[name], self.shapes[name]) for name in self.maskable}
+        return update
+
+
 def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
     """The run config's strategy: FedDST (feddst, feddst-prox, randommask) or Flower's own
     FedAvg / FedAvgM / FedProx. All evaluate centrally, so federated evaluation is off."""
@@ -251,7 +313,7 @@ def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
         )
     if cfg.strategy == "fedprox":
         return FedProx(fraction_evaluate=0.0, proximal_mu=cfg.proximal_mu, **sampling)
-    return FedDST(
+    return (PruneFL if cfg.strategy == "prunefl" else FedDST)(
         maskable,
         sparsity=cfg.sparsity,
         distribution=cfg.sparsity_distribution,

@@ -63,20 +63,30 @@ def train(
 
 
 def dense_gradients(
-    model: nn.Module, data: TensorData, names: list[str], num_batches: int, batch_size: int, generator: torch.Generator
+    model: nn.Module,
+    data: TensorData,
+    names: list[str],
+    num_batches: int,
+    batch_size: int,
+    generator: torch.Generator,
+    squared: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Gradient of the task loss (no proximal term) w.r.t. the full weight tensors,
-    pruned positions included, summed over num_batches minibatches."""
+    """Gradient of the task loss (no proximal term) w.r.t. the full weight tensors, pruned
+    positions included, summed over num_batches minibatches; with `squared`, the sum of the
+    per-batch squared gradients (PruneFL's importance)."""
     params = dict(model.named_parameters())
     model.train()
-    model.zero_grad()
+    total = {name: torch.zeros_like(params[name]) for name in names}
     for i, (x, y) in enumerate(batches(data, batch_size, generator)):
         if i == num_batches:
             break
+        model.zero_grad()
         F.cross_entropy(model(x), y).backward()
-    grads = {name: params[name].grad.detach().clone() for name in names}
+        for name in names:
+            grad = params[name].grad.detach()
+            total[name] += grad * grad if squared else grad
     model.zero_grad()
-    return grads
+    return total
 
 
 @dataclass

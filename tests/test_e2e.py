@@ -171,3 +171,19 @@ def test_every_strategy_runs_two_rounds(flwr_home, tmp_path, overrides):
     assert records[-1]["test-loss"] < records[0]["test-loss"]
     sparse = overrides["strategy"] not in ("fedavgm", "fedprox", "fedadam")
     assert (records[-1]["density"] < 0.5) == sparse
+
+
+def test_prunefl_counts_its_dense_uploads(flwr_home, tmp_path):
+    """Round 0 carries the dense exchange with the pruning client; reconfiguration round 1
+    adds every client's dense squared gradients (np.save of each maskable tensor)."""
+    base, bitmask, dense, _ = predicted_sizes()
+    state, maskable = DigitsCNN().state_dict(), maskable_names(DigitsCNN())
+    gradients = sum(dense_tensor_bytes(state[name]) for name in maskable)
+    overrides = {"strategy": "prunefl", "num-server-rounds": 2, "delta-r": 1, "r-end": 1, "local-epochs": 1}
+    records = flwr_run(flwr_home, tmp_path, "prunefl", overrides)
+    assert records[0]["download-bytes"] == records[0]["upload-bytes"] == dense  # one client, dense both ways
+    assert records[1]["upload-bytes"] == records[1]["client-upload-bytes"] == NODES * (base + gradients)
+    assert records[1]["download-bytes"] == NODES * (base + bitmask)  # first contact: everyone gets the mask
+    assert records[1]["mask-changed"] > 0 and records[1]["density"] == records[0]["density"]
+    assert records[2]["upload-bytes"] == NODES * base  # no reconfiguration after r-end
+    assert records[2]["download-bytes"] == NODES * (base + bitmask)  # the new mask travels down once

@@ -16,10 +16,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from conftest import random_data
 from feddst_flwr.aggregation import ClientUpdate, aggregate
 from feddst_flwr.client import MissingMaskError, client_round
-from feddst_flwr.codec import VALUES_STYPE, carries_mask, decode, payload_bytes
+from feddst_flwr.codec import VALUES_STYPE, CodecError, carries_mask, decode, payload_bytes
 from feddst_flwr.masks import hamming, layer_counts, maskable_names
 from feddst_flwr.models import DigitsCNN
-from feddst_flwr.strategy import FedDST, build_strategy
+from feddst_flwr.strategy import FedDST, PruneFL, build_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -418,3 +418,63 @@ def test_build_strategy_sparse(make_cfg, name, alpha, mu):
     assert (strategy.clients_per_round, strategy.min_available_nodes, strategy.seed) == (4, 4, 0)
     assert (strategy.min_votes, strategy.value_dtype) == (1, "float32")
     assert strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), FakeGrid(NODES)) == []
+
+
+# --------------------------------------------------------------------------- PruneFL
+
+
+def test_build_strategy_prunefl(make_cfg):
+    strategy = build_strategy(make_cfg(strategy="prunefl", alpha=0.05), MASKABLE)
+    assert type(strategy) is PruneFL and strategy.alpha == 0.0  # clients never readjust
+
+
+def prunefl() -> PruneFL:
+    strategy = PruneFL(MASKABLE, sparsity=0.8, delta_r=2, r_end=4, seed=0)
+    strategy.initialize(ArrayRecord(new_model().state_dict()))
+    return strategy
+
+
+def test_prunefl_keeps_the_top_sample_weighted_importance_per_layer():
+    strategy = prunefl()
+    generator = torch.Generator().manual_seed(3)
+    grads = [{n: torch.rand(SHAPES[n], generator=generator) for n in MASKABLE} for _ in range(2)]
+    updates = [ClientUpdate({}, {}, 10, grads[0]), ClientUpdate({}, {}, 30, grads[1]), ClientUpdate({}, {}, 5)]
+    masks = strategy.reconfigure(updates, strategy.masks)
+    for name in MASKABLE:
+        importance = (10 * grads[0][name] + 30 * grads[1][name]) / 40  # the client without gradients has no say
+        assert int(masks[name].sum()) == strategy.counts[name]
+        if not masks[name].all():  # ERK may keep a small layer dense
+            assert importance[masks[name]].min() >= importance[~masks[name]].max()
+    assert strategy.reconfigure(updates[2:], strategy.masks) is strategy.masks  # no gradients: mask unchanged
+
+
+def test_prunefl_asks_for_gradients_on_reconfiguration_rounds_only():
+    strategy = prunefl()
+    arrays = ArrayRecord(new_model().state_dict())
+    asked = [
+        strategy.configure_train(r, arrays, ConfigRecord(), FakeGrid(NODES))[0].content["config"]["upload-gradients"]
+        for r in range(1, 7)
+    ]
+    assert asked == [0, 1, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("problem", ["names", "nan"])
+def test_prunefl_rejects_bad_gradients(problem):
+    strategy = prunefl()
+    model = new_model()
+    apply = {n: p.detach() * strategy.masks[n] for n, p in model.state_dict().items() if n in strategy.masks}
+    state = {**model.state_dict(), **apply}
+    from feddst_flwr.codec import encode
+
+    gradients = {n: torch.ones(SHAPES[n]) for n in MASKABLE}
+    if problem == "names":
+        gradients.pop(MASKABLE[0])
+    else:
+        gradients[MASKABLE[1]][0] = float("nan")
+    content = RecordDict(
+        {"arrays": encode(state, strategy.masks, False), "gradients": ArrayRecord(gradients),
+         "metrics": MetricRecord({"num-examples": 4})}
+    )  # fmt: skip
+    reply = Message(content, reply_to=Message(RecordDict(), dst_node_id=100, message_type="train"))
+    with pytest.raises(CodecError, match="gradients cover|NaN"):
+        strategy._decode_reply(reply)
