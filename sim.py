@@ -65,11 +65,16 @@ class Experiment:
         return [(strategy, seed) for strategy in self.strategies for seed in self.seeds]
 
     def config(self, strategy: str, seed: int, results: Path) -> dict:
-        """The full run config of one run: preset, then overrides, then its identity."""
-        return {
+        """The full run config of one run: preset, then overrides, then its identity; relative
+        data and cache folders are taken from the project root."""
+        config = {
             **self.preset, **self.run_config, **self.per_strategy.get(strategy, {}),
             "strategy": strategy, "seed": seed, "results-dir": str(results), "run-name": f"{strategy}-seed{seed}",
         }  # fmt: skip
+        for key in ("data-dir", "cache-dir"):
+            if config.get(key):
+                config[key] = str((ROOT / config[key]).resolve())
+        return config
 
 
 Runner = Callable[[dict, int, Path], None]  # (run config, num supernodes, FLWR_HOME)

@@ -86,7 +86,8 @@ def experiment(tmp_path, **extra) -> sim.Experiment:
     path = tmp_path / "exp.toml"
     path.write_text(
         'preset = "digits"\nstrategies = ["feddst", "fedavg"]\nseeds = [0, 1]\nnum-supernodes = 6\n'
-        "[run-config]\nnum-server-rounds = 2\n[strategy.fedavg]\nlr = 0.05\n" + "".join(extra.values())
+        '[run-config]\nnum-server-rounds = 2\ndata-dir = "../shared/data"\n[strategy.fedavg]\nlr = 0.05\n'
+        + "".join(extra.values())
     )
     return sim.Experiment.load(path)
 
@@ -97,6 +98,7 @@ def test_experiment_configs_layer_preset_overrides_and_identity(tmp_path):
     assert config["dataset"] == "digits" and config["num-server-rounds"] == 2 and config["lr"] == 0.05
     assert (config["strategy"], config["seed"], config["run-name"]) == ("fedavg", 1, "fedavg-seed1")
     assert exp.config("feddst", 0, tmp_path)["lr"] == 0.1  # the preset's
+    assert config["data-dir"] == str((sim.ROOT / "../shared/data").resolve())  # from the project root
     assert exp.runs() == [("feddst", 0), ("feddst", 1), ("fedavg", 0), ("fedavg", 1)]
 
 
