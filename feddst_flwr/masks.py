@@ -93,13 +93,17 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return flat.view(scores.shape)
 
 
-def magnitude_prune(weights: dict[str, torch.Tensor], candidates: Masks, counts: dict[str, int]) -> Masks:
-    """Per layer, keep the counts[name] largest-magnitude weights among the candidates;
-    if fewer candidates exist, the rest is filled with non-candidates (value zero)
-    so every layer keeps its count exactly."""
+def magnitude_prune(
+    weights: dict[str, torch.Tensor], candidates: Masks | None, counts: dict[str, int]
+) -> Masks:
+    """Per layer, keep the counts[name] largest-magnitude weights among the candidates
+    (None: every position); if fewer candidates exist, the rest is filled with
+    non-candidates (value zero) so every layer keeps its count exactly."""
     masks = {}
     for name, count in counts.items():
-        scores = torch.where(candidates[name], weights[name].abs().float(), torch.tensor(-1.0))
+        scores = weights[name].abs().float()
+        if candidates is not None:
+            scores = torch.where(candidates[name], scores, torch.tensor(-1.0))
         masks[name] = top_k_mask(scores, count)
     return masks
 

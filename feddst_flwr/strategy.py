@@ -255,8 +255,7 @@ class PruneFL(FedDST):
         if reply.has_error():
             raise RuntimeError(f"PruneFL's initial pruning failed on node {nodes[0]}: {reply.error.reason}")
         state = decode(reply.content.array_records[self.arrayrecord_key], self.shapes, [], None).state
-        everywhere = {name: torch.ones_like(mask) for name, mask in self.masks.items()}
-        self.masks = magnitude_prune(state, everywhere, self.counts)
+        self.masks = magnitude_prune(state, None, self.counts)
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
@@ -276,8 +275,7 @@ class PruneFL(FedDST):
         importance = {
             name: sum(u.num_examples * u.gradients[name] for u in reporting) / total for name in masks
         }
-        everywhere = {name: torch.ones_like(mask) for name, mask in masks.items()}
-        return magnitude_prune(importance, everywhere, self.counts)
+        return magnitude_prune(importance, None, self.counts)
 
     def _decode_reply(self, reply: Message) -> ClientUpdate:
         """FedDST's validation, plus the dense gradients when the reply carries them."""
