@@ -297,3 +297,18 @@ def test_client_app_trains_and_keeps_the_mask_in_context_state(client_app, conte
         decoded = server.decode(reply.content["arrays"])
         assert all(int(decoded.masks[n].sum()) == server.counts[n] for n in server.masks)
     assert held_masks(context.state, 0, server.shapes()) is not None
+
+
+def test_prunefl_reconfiguration_round_uploads_dense_squared_gradients(server, make_cfg, data):
+    config = ConfigRecord({**round_config(), "upload-gradients": 1})
+    result = client_round(new_model(), data, server.payload(True), config, make_cfg(), RecordDict())
+    assert result.gradients is not None and set(result.gradients) == set(server.masks)
+    for name, array in result.gradients.items():
+        squared = array.numpy()
+        assert squared.shape == tuple(server.masks[name].shape) and (squared >= 0).all()
+    pruned = [name for name, mask in server.masks.items() if not mask.all()]  # ERK keeps small layers dense
+    assert pruned and all((result.gradients[n].numpy()[~server.masks[n].numpy()] > 0).any() for n in pruned)
+    assert result.metrics["upload-bytes"] == payload_bytes(result.arrays) + payload_bytes(result.gradients)
+    assert set(result.content().array_records) == {"arrays", "gradients"}
+    plain = client_round(new_model(), data, server.payload(True), round_config(), make_cfg(), RecordDict())
+    assert plain.gradients is None and set(plain.content().array_records) == {"arrays"}
