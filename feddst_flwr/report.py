@@ -4,7 +4,6 @@ from the `metrics.jsonl` files of `results/<experiment>/<strategy>-seed<k>/`."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +46,20 @@ def load_runs(experiment_dir: Path) -> dict[str, list[Run]]:
 
 def value_at_cap(run: Run, cap: float, metric: str = METRIC) -> float:
     """The metric at a cumulative-upload cap, linearly interpolated between the evaluated
-    rounds around it; NaN if the run stopped before spending the cap."""
+    rounds around it; a run that ended below the cap keeps its final value."""
     upload, value = run.curve(metric)
-    if cap > upload[-1]:
-        return math.nan
-    return float(np.interp(cap, upload, value))
+    return float(np.interp(cap, upload, value))  # np.interp holds the last value past the end
 
 
 def mean_at_cap(runs: list[Run], cap: float, metric: str = METRIC) -> float:
-    """Mean over seeds of value_at_cap (NaN if any seed stopped short of the cap)."""
+    """Mean over seeds of value_at_cap."""
     return float(np.mean([value_at_cap(run, cap, metric) for run in runs]))
+
+
+def _cell(runs: list[Run], cap: float, metric: str) -> str:
+    """Table cell: mean at the cap, starred when a seed ended below the cap (its final value)."""
+    star = "*" if any(run.total_upload < cap for run in runs) else ""
+    return _fmt(mean_at_cap(runs, cap, metric)) + star
 
 
 def caps(runs: dict[str, list[Run]], reference: str = "feddst") -> dict[str, float]:
@@ -78,14 +81,14 @@ def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: s
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for strategy, seeds in runs.items():
         final = [run.records[-1] for run in seeds]
-        at_caps = " | ".join(_fmt(mean_at_cap(seeds, cap, metric)) for cap in limits.values())
+        at_caps = " | ".join(_cell(seeds, cap, metric) for cap in limits.values())
         lines.append(
             f"| {strategy} | {len(seeds)} | {at_caps} | {_fmt(np.mean([_last(run, metric) for run in seeds]))} "
             f"| {np.mean([r['cum-upload-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['cum-download-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['flops'] for r in final]) / 1e6:.2f} | {np.mean([r['wall-time'] for r in final]):.0f} |"
         )
-    lines += ["", *gap_lines(runs, limits["1x"], metric, reference)]
+    lines += ["", "\\* a run ended below this upload cap: its final value.", "", *gap_lines(runs, limits["1x"], metric, reference)]
     return "\n".join(lines) + "\n"
 
 
@@ -139,6 +142,4 @@ def _last(run: Run, metric: str) -> float:
 
 
 def _fmt(value: float, signed: bool = False) -> str:
-    if math.isnan(value):
-        return "n/a"
     return f"{value:+.4f}" if signed else f"{value:.4f}"

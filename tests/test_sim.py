@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -53,7 +52,7 @@ def test_value_at_cap_interpolates_between_evaluated_rounds(experiment_dir):
     assert report.value_at_cap(run, 2 * GIB) == pytest.approx(0.3)  # halfway between 0 and 4 GiB
     assert report.value_at_cap(run, 5 * GIB) == pytest.approx(0.7)
     assert report.value_at_cap(run, 6 * GIB) == pytest.approx(0.9)
-    assert math.isnan(report.value_at_cap(run, 6.5 * GIB))  # it never spent that much
+    assert report.value_at_cap(run, 6.5 * GIB) == pytest.approx(0.9)  # ended below the cap: final value
 
 
 def test_caps_and_table(experiment_dir):
@@ -61,10 +60,12 @@ def test_caps_and_table(experiment_dir):
     assert report.caps(runs) == {"0.5x": 1 * GIB, "1x": 2 * GIB, "2x": 4 * GIB}
     table = report.summary_table(runs)
     feddst = next(line for line in table.splitlines() if line.startswith("| feddst "))
-    # mean over seeds at 1, 2 and 4 GiB (4 is past both feddst runs), final, upload/download GiB, MFLOPs, wall
-    assert feddst == "| feddst | 2 | 0.5500 | 0.7500 | n/a | 0.7500 | 2.000 | 4.000 | 3.00 | 20 |"
+    # mean over seeds at 1, 2 and 4 GiB (both feddst runs ended at 2: final values, starred), final,
+    # upload/download GiB, MFLOPs, wall
+    assert feddst == "| feddst | 2 | 0.5500 | 0.7500 | 0.7500* | 0.7500 | 2.000 | 4.000 | 3.00 | 20 |"
     fedavgm = next(line for line in table.splitlines() if line.startswith("| fedavgm "))
     assert fedavgm.startswith("| fedavgm | 1 | 0.2000 | 0.3000 | 0.5000 | 0.9000 | 6.000 | 12.000 |")
+    assert "\\* a run ended below this upload cap" in table
     assert "at 0.5x (1.000 GiB)" in table.splitlines()[0]
     assert "feddst - fedavgm at equal upload (2.000 GiB): +0.4500" in table
     assert "feddst at 2.000 GiB - fedavgm at 2x (4.000 GiB): +0.2500" in table
