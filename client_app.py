@@ -1,10 +1,14 @@
 """ClientApp: one handler for dense (baselines) and sparse (FedDST) payloads."""
 
+from logging import ERROR
+
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
-from feddst_flwr.client import MissingMaskError, client_round
+from feddst_flwr.client import MissingMaskError, client_round, injected_failure
+from feddst_flwr.codec import CodecError
 from feddst_flwr.config import ExperimentConfig
 from feddst_flwr.data import load_partition, load_raw
 from feddst_flwr.grid import PARTITION_ID
@@ -14,6 +18,8 @@ app = ClientApp()
 torch.set_num_threads(1)  # simulated clients run side by side on the CPU cores
 
 MISSING_MASK_CODE = 4001  # Error.code of a reply from a node that lacks the mask version
+BAD_MESSAGE_CODE = 4002  # the server's message failed validation
+INJECTED_FAILURE_CODE = 4003  # a failure drawn with probability client-failure-rate (fault tests)
 
 
 @app.train()
@@ -22,12 +28,18 @@ def train(msg: Message, context: Context) -> Message:
     cfg = ExperimentConfig.from_run_config(context.run_config)
     raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
     scheme = cfg.partition_scheme(cfg.num_partitions or int(context.node_config["num-partitions"]))
-    data = load_partition(raw, scheme, cfg.dataset, int(context.node_config[PARTITION_ID]))
+    partition = int(context.node_config[PARTITION_ID])
+    data = load_partition(raw, scheme, cfg.dataset, partition)
     model = build_model(cfg.model, cfg.num_classes, cfg.seed)
+    if injected_failure(cfg, msg.content["config"], partition):
+        return Message(Error(code=INJECTED_FAILURE_CODE, reason="injected failure (client-failure-rate)"), reply_to=msg)
     try:
         result = client_round(model, data, msg.content["arrays"], msg.content["config"], cfg, context.state)
     except MissingMaskError as err:
         return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
+    except CodecError as err:
+        log(ERROR, "rejected the server's message: %s", err)
+        return Message(Error(code=BAD_MESSAGE_CODE, reason=f"rejected the server's message: {err}"), reply_to=msg)
     return Message(result.content(), reply_to=msg)
 
 

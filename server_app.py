@@ -2,10 +2,14 @@
 meter and the per-round recorder."""
 
 import random
+from functools import partial
+from logging import INFO
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from feddst_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from feddst_flwr.config import ExperimentConfig
 from feddst_flwr.data import client_test_weights, load_raw, partitions, to_tensors
 from feddst_flwr.masks import maskable_names
@@ -31,9 +35,22 @@ def main(grid: Grid, context: Context) -> None:
     mask_state = (lambda: (strategy.masks, strategy.stats)) if isinstance(strategy, FedDST) else None
     test_data = to_tensors(cfg.dataset, raw.x_test, raw.y_test)
     recorder = RoundRecorder(cfg, model, test_data, client_weights, server_grid, mask_state)
-    strategy.start(
-        grid=server_grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=cfg.num_server_rounds,
-        evaluate_fn=recorder,
-    )
+    run = {"grid": server_grid, "initial_arrays": ArrayRecord(model.state_dict()),
+           "num_rounds": cfg.num_server_rounds, "timeout": cfg.round_timeout}  # fmt: skip
+    if not isinstance(strategy, FedDST):  # Flower's own loop; no checkpoints (see config)
+        strategy.start(**run, evaluate_fn=recorder)
+        return
+    resume = load_checkpoint(cfg) if cfg.resume else None
+    if resume is not None:
+        recorder.load_state_dict(resume.recorder)
+    strategy.start(**run, evaluate_fn=partial(after_round, cfg, strategy, recorder), resume=resume)
+
+def after_round(
+    cfg: ExperimentConfig, strategy: FedDST, recorder: RoundRecorder, server_round: int, arrays: ArrayRecord
+) -> MetricRecord:
+    """Record the round, then checkpoint every checkpoint-every rounds."""
+    metrics = recorder(server_round, arrays)
+    if cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0:
+        state = Checkpoint(server_round, arrays.to_torch_state_dict(), strategy.state_dict(), recorder.state_dict())
+        log(INFO, "checkpoint after round %d: %s", server_round, save_checkpoint(cfg, state))
+    return metrics

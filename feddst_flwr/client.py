@@ -4,12 +4,14 @@ same path without masks."""
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .codec import carries_mask, decode, encode, is_sparse, masks_from_record, masks_to_record, payload_bytes
+from .codec import CodecError, carries_mask, decode, encode, is_sparse, masks_from_record, masks_to_record, payload_bytes
 from .config import ExperimentConfig
 from .data import TensorData
 from .masks import Masks, hamming, maskable_names, prune_and_regrow, shapes_of
@@ -55,14 +57,34 @@ def store_masks(state: RecordDict, masks: Masks, version: int) -> None:
     state.config_records[VERSION_STATE_KEY] = ConfigRecord({"version": version})
 
 
+def check_config(config: ConfigRecord, sparse: bool) -> None:
+    """Validate the server's round config; CodecError names the bad key."""
+    required = {"server-round": (int, 0, None)}
+    if sparse:
+        required["mask-version"] = (int, 0, None)
+    optional = {"readjust-alpha": (float, 0.0, 1.0), "proximal-mu": (float, 0.0, None), "upload-gradients": (int, 0, 1)}
+    for key, (kind, low, high) in {**required, **optional}.items():
+        if key not in config:
+            if key in required:
+                raise CodecError(f"server config lacks '{key}'")
+            continue
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise CodecError(f"server config '{key}' = {value!r}: expected {kind.__name__}")
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise CodecError(f"server config '{key}' = {value!r}: expected in [{low}, {high if high is not None else 'inf'}]")
+
+
 def receive(
     model: torch.nn.Module, arrays: ArrayRecord, config: ConfigRecord, node_state: RecordDict
 ) -> tuple[dict[str, torch.Tensor], Masks | None]:
     """Decode the server's payload (dense for baselines); a sparse one is decoded with the
     bitmask it carries, which the node then keeps, or with the mask the node holds."""
     initial = model.state_dict()
+    check_config(config, is_sparse(arrays))
     if not is_sparse(arrays):
-        return arrays.to_torch_state_dict(), None
+        decoded = decode(arrays, shapes_of(initial, list(initial)), [], None)
+        return decoded.state, None
     maskable = maskable_names(model)
     version = int(config["mask-version"])
     held = held_masks(node_state, version, shapes_of(initial, maskable))
@@ -75,6 +97,15 @@ def receive(
     if decoded.mask_sent:
         store_masks(node_state, decoded.masks, version)
     return decoded.state, decoded.masks
+
+
+def injected_failure(cfg: ExperimentConfig, config: ConfigRecord, partition_id: int) -> bool:
+    """Whether this node fails this round on purpose (client-failure-rate, for fault tests);
+    drawn from (seed, round, partition-id), so a run's failures are reproducible."""
+    if cfg.client_failure_rate == 0:
+        return False
+    draw = random.Random(f"{cfg.seed}:{config.get('server-round', 0)}:{partition_id}").random()
+    return draw < cfg.client_failure_rate
 
 
 def client_round(

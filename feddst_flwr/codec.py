@@ -24,6 +24,8 @@ BITMASK_STYPE = "feddst.bitmask"
 DENSE_STYPE = "numpy.ndarray"
 MASK_SUFFIX = ":mask"
 VALUE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+DENSE_DTYPES = ("float32", "int64")  # what a torch state dict of our models holds (int64: BN counters)
+NPY_HEADER_LIMIT = 4096  # .npy header bytes allowed beyond the array data
 
 
 class CodecError(ValueError):
@@ -121,12 +123,19 @@ def decode_dense(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tenso
     """A dense numpy.ndarray Array, validated (stype, numeric dtype, shape, finite)."""
     if array.stype != DENSE_STYPE:
         raise CodecError(f"layer '{name}': dense tensor expected stype '{DENSE_STYPE}', got '{array.stype}'")
+    if array.dtype not in DENSE_DTYPES:
+        raise CodecError(f"layer '{name}': dense dtype '{array.dtype}' not in {sorted(DENSE_DTYPES)}")
+    if tuple(array.shape) != shape:
+        raise CodecError(f"layer '{name}': declared shape {tuple(array.shape)}, expected {shape}")
+    limit = math.prod(shape) * np.dtype(array.dtype).itemsize + NPY_HEADER_LIMIT
+    if len(array.data) > limit:
+        raise CodecError(f"layer '{name}': {len(array.data)} bytes for shape {shape}, at most {limit} expected")
     try:
         values = array.numpy()
     except Exception as err:  # np.load raises many types on malformed bytes
         raise CodecError(f"layer '{name}': unreadable numpy payload ({err})") from err
-    if values.dtype.kind not in "fiu":
-        raise CodecError(f"layer '{name}': dtype {values.dtype} is not numeric")
+    if values.dtype != np.dtype(array.dtype):
+        raise CodecError(f"layer '{name}': payload dtype {values.dtype} differs from the declared '{array.dtype}'")
     if values.shape != shape:
         raise CodecError(f"layer '{name}': shape {values.shape}, expected {shape}")
     _check_finite(name, values)

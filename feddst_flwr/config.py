@@ -45,6 +45,12 @@ class ExperimentConfig:
     r_end: int
     grow_batches: int
     min_votes: int
+    min_fit_fraction: float
+    max_num_examples: int
+    round_timeout: float
+    client_failure_rate: float
+    checkpoint_every: int
+    resume: bool
     value_dtype: str
     dataset: str
     data_dir: str
@@ -139,6 +145,14 @@ class ExperimentConfig:
             (self.r_end >= 0, "r-end", ">= 0 (0: half the rounds)"),
             (self.grow_batches >= 1, "grow-batches", ">= 1"),
             (self.min_votes >= 1, "min-votes", ">= 1"),
+            (0.0 <= self.min_fit_fraction <= 1.0, "min-fit-fraction", "in [0, 1]"),
+            (self.max_num_examples >= 1, "max-num-examples", ">= 1"),
+            (self.round_timeout > 0, "round-timeout", "> 0 seconds"),
+            (0.0 <= self.client_failure_rate < 1.0, "client-failure-rate", "in [0, 1)"),
+            (self.checkpoint_every >= 0, "checkpoint-every", ">= 0 (0: no checkpoints)"),
+            (self.is_sparse or not self.checkpoint_every, "checkpoint-every",
+             f"0 for Flower's baseline strategies (checkpoints: {SPARSE_STRATEGIES})"),
+            (self.is_sparse or not self.resume, "resume", f"false for Flower's baseline strategies (resume: {SPARSE_STRATEGIES})"),
             (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {VALUE_DTYPES}"),
             (self.dataset in DATASETS, "dataset", f"one of {DATASETS}"),
             (self.partition in PARTITIONS, "partition", f"one of {PARTITIONS}"),
@@ -157,9 +171,9 @@ class ExperimentConfig:
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
     """Convert a TOML value to the field's type; ints are accepted for floats."""
-    kind = {"int": int, "float": float, "str": str}[annotation]
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"run config '{key}' = {value!r}: expected {annotation}")
     return value

@@ -77,6 +77,7 @@ class RoundRecorder:
         self.path.write_text("")
         self.dense_flops = forward_flops(model)
         self.cumulative = Traffic()
+        self.records: list[dict] = []
         self.started = time.time()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -89,10 +90,22 @@ class RoundRecorder:
         record.update(self._traffic())
         record.update(self._sparsity())
         record["wall-time"] = time.time() - self.started
+        self.records.append(record)
         with self.path.open("a") as out:
             out.write(json.dumps(record) + "\n")
         log(INFO, self._line(record))
         return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def state_dict(self) -> dict:
+        """The records so far and the running totals (for a checkpoint)."""
+        return {"records": self.records, "cumulative": asdict(self.cumulative), "elapsed": time.time() - self.started}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint: metrics.jsonl holds exactly its records again."""
+        self.records = list(state["records"])
+        self.cumulative = Traffic(**state["cumulative"])
+        self.started = time.time() - state["elapsed"]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in self.records))
 
     def _traffic(self) -> dict:
         traffic = self.grid.take()

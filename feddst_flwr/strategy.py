@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -16,6 +17,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result, S
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from .aggregation import ClientUpdate, ServerOptimizer, aggregate
+from .checkpoint import Checkpoint
 from .client import GRADIENTS_KEY
 from .codec import CodecError, decode, decode_dense, encode
 from .config import ExperimentConfig
@@ -30,7 +32,9 @@ class RoundStats:
     mask_changed: int = 0  # Hamming distance between the old and the new global mask
     readjust_alpha: float = 0.0
     masks_sent: int = 0  # nodes that got the bitmask in this round's download
-    failures: list[str] = field(default_factory=list)
+    sampled: int = 0
+    failures: list[str] = field(default_factory=list)  # "node N: reason" per rejected or missing reply
+    skipped: bool = False  # too few valid replies: the global model and mask were kept
 
 
 class FedDST(Strategy):
@@ -60,6 +64,12 @@ class FedDST(Strategy):
         FedProx coefficient sent to clients as "proximal-mu".
     min_votes : int (default: 1)
         A weight kept by fewer clients than this is zero after aggregation.
+    min_fit_fraction : float (default: 0.5)
+        A round is aggregated only if at least this fraction of the sampled nodes replied
+        validly; otherwise it is skipped and the global model and mask are kept.
+    max_num_examples : int (default: 1_000_000)
+        A reply claiming more training examples than this is rejected (it would dominate
+        the weighted average).
     value_dtype : str (default: "float32")
         Wire dtype of the sparse values ("float32" or "float16").
     seed : int (default: 0)
@@ -83,6 +93,8 @@ class FedDST(Strategy):
         min_available_nodes: int = 2,
         proximal_mu: float = 0.0,
         min_votes: int = 1,
+        min_fit_fraction: float = 0.5,
+        max_num_examples: int = 1_000_000,
         value_dtype: str = "float32",
         seed: int = 0,
         server_optimizer: ServerOptimizer | None = None,
@@ -102,6 +114,8 @@ class FedDST(Strategy):
         self.min_available_nodes = min_available_nodes
         self.proximal_mu = proximal_mu
         self.min_votes = min_votes
+        self.min_fit_fraction = min_fit_fraction
+        self.max_num_examples = max_num_examples
         self.value_dtype = value_dtype
         self.seed = seed
         self.server_optimizer = server_optimizer or ServerOptimizer("none", 1.0, 0.0)
@@ -114,6 +128,7 @@ class FedDST(Strategy):
         self.masks: Masks = {}
         self.mask_version = 0
         self.delivered: dict[int, int] = {}  # node id -> mask version it holds
+        self.sampled: list[int] = []  # this round's nodes
         self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
         self.stats = RoundStats()
 
@@ -137,9 +152,70 @@ class FedDST(Strategy):
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
-        """Initialise the sparse model, then run Flower's round loop."""
-        return super().start(grid, self.initialize(initial_arrays), *args, **kwargs)
+    def initial_arrays(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
+        """The round-1 global model: the initial weights pruned with a random ERK mask."""
+        return self.initialize(arrays)
+
+    # pylint: disable=too-many-locals
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        resume: Checkpoint | None = None,
+    ) -> Result:
+        """Flower's round loop (training, then `evaluate_fn`; FedDST has no federated
+        evaluation, so evaluate_config is unused), from round 1 or after a checkpoint."""
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        self.summary()
+        train_config = train_config or ConfigRecord()
+        if resume is None:
+            arrays, first = self.initial_arrays(grid, initial_arrays), 1
+            if evaluate_fn:
+                evaluate_fn(0, arrays)
+        else:
+            self.initialize(initial_arrays)
+            arrays, first = self.load_state_dict(resume.strategy, resume.arrays), resume.round + 1
+            log(INFO, "Resuming after round %d (mask version %d)", resume.round, self.mask_version)
+        result = Result(arrays=arrays)
+        for server_round in range(first, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            messages = self.configure_train(server_round, arrays, train_config, grid)
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            new_arrays, metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = result.arrays = new_arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[server_round] = metrics
+            evaluation = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            if evaluation is not None:
+                result.evaluate_metrics_serverapp[server_round] = evaluation
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the global model: the mask, its version, the
+        sampling RNG and the server optimizer. Delivered mask versions are not kept: they
+        describe the nodes' memory of this run, which a restarted run does not have."""
+        return {
+            "masks": self.masks,
+            "mask_version": self.mask_version,
+            "rng": self.rng.getstate(),
+            "optimizer": {"m": self.server_optimizer.m, "v": self.server_optimizer.v},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], arrays: dict[str, torch.Tensor]) -> ArrayRecord:
+        """Restore `state_dict()` after `initialize`; returns the global model `arrays`."""
+        shapes, mask_shapes = shapes_of(arrays, list(arrays)), shapes_of(state["masks"], list(state["masks"]))
+        if shapes != self.shapes or mask_shapes != {name: self.shapes[name] for name in self.maskable}:
+            raise ValueError(f"checkpointed model {shapes} or masks {mask_shapes} do not match the model {self.shapes}")
+        self.masks, self.mask_version = state["masks"], state["mask_version"]
+        self.rng.setstate(state["rng"])
+        self.server_optimizer.m, self.server_optimizer.v = state["optimizer"]["m"], state["optimizer"]["v"]
+        return ArrayRecord(arrays)
 
     def sample(self, grid: Grid) -> list[int]:
         """Step 2: sample nodes without replacement with the strategy's seeded RNG."""
@@ -167,7 +243,9 @@ class FedDST(Strategy):
         )
         payloads: dict[bool, ArrayRecord] = {}
         messages = []
-        for node_id in self.sample(grid):
+        self.sampled = self.sample(grid)
+        self.stats.sampled = len(self.sampled)
+        for node_id in self.sampled:
             send_mask = self.delivered.get(node_id) != self.mask_version
             if send_mask not in payloads:
                 payloads[send_mask] = encode(state, self.masks, send_mask, self.value_dtype)
@@ -181,20 +259,29 @@ class FedDST(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Step 6: decode every reply, sparse weighted average, re-prune to S."""
-        updates, contents = [], []
+        """Step 6: validate every reply, sparse weighted average, re-prune to S. A reply
+        that fails validation, and a sampled node that did not reply, count as failures;
+        with fewer valid replies than min-fit-fraction of the sampled nodes the round is
+        skipped and the global model and mask stay as they were."""
+        updates, contents, pending = [], [], set(self.sampled)
         for reply in replies:
             node_id = reply.metadata.src_node_id
             try:
+                if node_id not in pending:
+                    raise CodecError("reply from a node that was not sampled, or a second reply")
+                pending.discard(node_id)
                 updates.append(self._decode_reply(reply))
             except CodecError as err:
-                self.delivered.pop(node_id, None)
-                self.stats.failures.append(f"node {node_id}: {err}")
-                log(WARNING, "aggregate_train: rejected reply from node %d: %s", node_id, err)
+                self._fail(node_id, str(err))
                 continue
             self.delivered[node_id] = self.mask_version
             contents.append(reply.content)
-        if not updates:
+        for node_id in sorted(pending):
+            self._fail(node_id, "no reply (failed, timed out or lost)")
+        if len(updates) < math.ceil(self.min_fit_fraction * len(self.sampled)) or not updates:
+            self.stats.skipped = True
+            log(WARNING, "aggregate_train: round %d skipped, %d of %d sampled nodes replied validly (min-fit-fraction %.2f)",
+                server_round, len(updates), len(self.sampled), self.min_fit_fraction)
             return None, None
         state, masks = aggregate(updates, self.counts, self.min_votes)
         masks = self.reconfigure(updates, masks)
@@ -207,21 +294,43 @@ class FedDST(Strategy):
         self.masks = masks
         return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)
 
+    def _fail(self, node_id: int, reason: str) -> None:
+        """Count a failure; the node gets the mask again next time (its state is unknown)."""
+        self.delivered.pop(node_id, None)
+        self.stats.failures.append(f"node {node_id}: {reason}")
+        log(WARNING, "aggregate_train: rejected node %d: %s", node_id, reason)
+
     def reconfigure(self, updates: list[ClientUpdate], masks: Masks) -> Masks:
         """The next global mask after aggregation: FedDST keeps the re-pruned one."""
         return masks
 
+    def expected_records(self) -> set[str]:
+        """The ArrayRecords a valid reply carries this round."""
+        return {self.arrayrecord_key}
+
     def _decode_reply(self, reply: Message) -> ClientUpdate:
         """Validate one reply; CodecError names the problem."""
         if reply.has_error():
-            raise CodecError(f"client error: {reply.error.reason}")
+            raise CodecError(f"client error {reply.error.code}: {reply.error.reason}")
         content = reply.content
-        if self.arrayrecord_key not in content.array_records or "metrics" not in content.metric_records:
-            raise CodecError(f"reply lacks the '{self.arrayrecord_key}' arrays or the 'metrics' record")
+        if set(content.array_records) != self.expected_records() or "metrics" not in content.metric_records:
+            raise CodecError(
+                f"reply carries arrays {sorted(content.array_records)} and metrics "
+                f"{sorted(content.metric_records)}, expected {sorted(self.expected_records())} and ['metrics']"
+            )
         num_examples = content.metric_records["metrics"].get(self.weighted_by_key)
-        if not isinstance(num_examples, int) or num_examples <= 0:
-            raise CodecError(f"'{self.weighted_by_key}' must be a positive int, got {num_examples!r}")
+        if not isinstance(num_examples, int) or not 0 < num_examples <= self.max_num_examples:
+            raise CodecError(
+                f"'{self.weighted_by_key}' must be an int in [1, {self.max_num_examples}], got {num_examples!r}"
+            )
         decoded = decode(content.array_records[self.arrayrecord_key], self.shapes, self.maskable, self.masks)
+        for name, mask in decoded.masks.items():
+            if int(mask.sum()) > self.counts[name]:
+                raise CodecError(
+                    f"layer '{name}': mask keeps {int(mask.sum())} weights, sparsity {self.sparsity} allows {self.counts[name]}"
+                )
+        if decoded.mask_sent and self.stats.readjust_alpha == 0 and hamming(decoded.masks, self.masks):
+            raise CodecError("mask differs from the global one on a round without readjustment")
         return ClientUpdate(decoded.state, decoded.masks, num_examples)
 
     def configure_evaluate(
@@ -242,10 +351,12 @@ class PruneFL(FedDST):
     squared gradients (counted in full), and the server keeps, per layer, the weights of
     highest sample-weighted importance; weights that enter the mask start at zero."""
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
-        """Initialise from one client's pruning, then run Flower's round loop."""
-        self.initialize(initial_arrays)
-        return Strategy.start(self, grid, self.prune_on_one_client(grid, initial_arrays), *args, **kwargs)
+    asks_gradients = False  # this round is a reconfiguration round
+
+    def initial_arrays(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
+        """The round-1 global model: one client's pruning of the initial weights."""
+        self.initialize(arrays)
+        return self.prune_on_one_client(grid, arrays)
 
     def prune_on_one_client(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         """Train the dense initial model on the first node (grid order), prune it by magnitude."""
@@ -263,8 +374,9 @@ class PruneFL(FedDST):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask for dense squared gradients on reconfiguration rounds."""
-        reconfigure = server_round <= self.r_end and server_round % self.delta_r == 0
-        return super().configure_train(server_round, arrays, ConfigRecord({**config, "upload-gradients": int(reconfigure)}), grid)
+        self.asks_gradients = server_round <= self.r_end and server_round % self.delta_r == 0
+        config = ConfigRecord({**config, "upload-gradients": int(self.asks_gradients)})
+        return super().configure_train(server_round, arrays, config, grid)
 
     def reconfigure(self, updates: list[ClientUpdate], masks: Masks) -> Masks:
         """On reconfiguration rounds, the top importance sum(n_c g_c^2) / sum(n_c) per layer."""
@@ -277,10 +389,14 @@ class PruneFL(FedDST):
         }
         return magnitude_prune(importance, None, self.counts)
 
+    def expected_records(self) -> set[str]:
+        """The sparse weights, plus the dense gradients on reconfiguration rounds."""
+        return super().expected_records() | ({GRADIENTS_KEY} if self.asks_gradients else set())
+
     def _decode_reply(self, reply: Message) -> ClientUpdate:
-        """FedDST's validation, plus the dense gradients when the reply carries them."""
+        """FedDST's validation, plus the dense gradients on reconfiguration rounds."""
         update = super()._decode_reply(reply)
-        if GRADIENTS_KEY in reply.content.array_records:
+        if self.asks_gradients:
             record = reply.content.array_records[GRADIENTS_KEY]
             if set(record) != set(self.maskable):
                 raise CodecError(f"gradients cover {sorted(record)}, expected {sorted(self.maskable)}")

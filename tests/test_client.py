@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedProx
 
 from conftest import erk_masks
 from feddst_flwr import client as client_module
-from feddst_flwr.client import MissingMaskError, client_round, held_masks
-from feddst_flwr.codec import DENSE_STYPE, carries_mask, decode, encode, is_sparse, payload_bytes
+from feddst_flwr.client import MissingMaskError, client_round, held_masks, injected_failure
+from feddst_flwr.codec import DENSE_STYPE, CodecError, carries_mask, decode, encode, is_sparse, payload_bytes
 from feddst_flwr.masks import apply_masks, hamming, maskable_names
 from feddst_flwr.models import DigitsCNN
 
@@ -312,3 +313,59 @@ def test_prunefl_reconfiguration_round_uploads_dense_squared_gradients(server, m
     assert set(result.content().array_records) == {"arrays", "gradients"}
     plain = client_round(new_model(), data, server.payload(True), round_config(), make_cfg(), RecordDict())
     assert plain.gradients is None and set(plain.content().array_records) == {"arrays"}
+
+
+# --------------------------------------------------------------------------- hostile server messages
+
+
+def nan_payload(server: Server) -> ArrayRecord:
+    record = server.payload(True)
+    name = server.maskable[0]
+    values = np.frombuffer(record[name].data, dtype="<f4").copy()
+    values[0] = np.nan
+    record[name] = Array(dtype="float32", shape=record[name].shape, stype=record[name].stype, data=values.tobytes())
+    return record
+
+
+BAD_MESSAGES = {
+    "no server-round": (lambda s: s.payload(True), ConfigRecord({"mask-version": 0}), "lacks 'server-round'"),
+    "no mask-version": (lambda s: s.payload(True), ConfigRecord({"server-round": 1}), "lacks 'mask-version'"),
+    "alpha above 1": (lambda s: s.payload(True), round_config(alpha=2.0), "readjust-alpha"),
+    "NaN alpha": (lambda s: s.payload(True), round_config(alpha=float("nan")), "readjust-alpha"),
+    "negative mu": (lambda s: s.payload(True), round_config(mu=-1.0), "proximal-mu"),
+    "string round": (lambda s: s.payload(True), ConfigRecord({"server-round": "1", "mask-version": 0}), "expected int"),
+    "NaN weights": (nan_payload, round_config(), "NaN"),
+    "missing layer": (lambda s: ArrayRecord({k: v for k, v in s.payload(True).items() if k != "fc2.bias"}), round_config(), "missing"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_MESSAGES, ids=list(BAD_MESSAGES))
+def test_client_rejects_a_bad_server_message_and_keeps_its_mask(server, make_cfg, data, bad):
+    make_payload, config, error = BAD_MESSAGES[bad]
+    state = RecordDict()
+    client_round(new_model(), data, server.payload(True), round_config(1), make_cfg(), state)
+    held = held_masks(state, 0, server.shapes())
+    with pytest.raises(CodecError, match=error):
+        client_round(new_model(), data, make_payload(server), config, make_cfg(), state)
+    assert all(torch.equal(held[n], held_masks(state, 0, server.shapes())[n]) for n in held)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_app_replies_with_an_error_to_a_bad_message(client_app, context):
+    reply = client_app.app(instruction(nan_payload(app_server(context)), round_config(1)), context)
+    assert reply.has_error() and reply.error.code == client_app.BAD_MESSAGE_CODE and "NaN" in reply.error.reason
+
+
+def test_injected_failures_are_reproducible_and_at_the_configured_rate(make_cfg):
+    cfg = make_cfg(client_failure_rate=0.3)
+    draws = [injected_failure(cfg, round_config(r), p) for r in range(1, 41) for p in range(50)]
+    assert draws == [injected_failure(cfg, round_config(r), p) for r in range(1, 41) for p in range(50)]
+    assert 0.27 < sum(draws) / len(draws) < 0.33
+    assert not any(injected_failure(make_cfg(), round_config(r), p) for r in range(1, 11) for p in range(50))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_app_injected_failure_is_an_error_reply(client_app, context):
+    context.run_config["client-failure-rate"] = 0.999
+    reply = client_app.app(instruction(app_server(context).payload(True), round_config(1)), context)
+    assert reply.has_error() and reply.error.code == client_app.INJECTED_FAILURE_CODE

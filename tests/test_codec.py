@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from feddst_flwr import codec
-from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, MASK_SUFFIX, VALUES_STYPE, CodecError
+from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, MASK_SUFFIX, NPY_HEADER_LIMIT, VALUES_STYPE, CodecError
 from feddst_flwr.masks import layer_counts, maskable_names, random_masks, shapes_of
 from feddst_flwr.models import DigitsCNN
 
@@ -261,8 +261,19 @@ def test_dense_shape_mismatch():
     assert_rejected(replaced("fc.bias", dense_array(np.zeros(4, np.float32))), "fc.bias", "shape")
 
 
-def test_dense_non_numeric_dtype():
-    assert_rejected(replaced("fc.bias", dense_array(np.array([True, False, True]))), "fc.bias", "numeric")
+@pytest.mark.parametrize("values", [np.array([True, False, True]), np.array([1.0, 2.0, 3.0])], ids=["bool", "float64"])
+def test_dense_wrong_dtype(values):
+    assert_rejected(replaced("fc.bias", dense_array(values)), "fc.bias", "dtype")
+
+
+def test_dense_payload_dtype_must_match_the_declared_one():
+    lying = Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=dense_array(np.zeros(3, dtype="<i8")).data)
+    assert_rejected(replaced("fc.bias", lying), "fc.bias", "differs from the declared")
+
+
+def test_oversized_dense_array_is_rejected_before_reading_it():
+    huge = Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=bytes(12 + NPY_HEADER_LIMIT + 1))
+    assert_rejected(replaced("fc.bias", huge), "fc.bias", "at most")
 
 
 def test_bitmask_shape_mismatch():
@@ -323,8 +334,10 @@ def test_unreadable_dense_bytes(data):
 def test_object_array_dense_bytes_are_unreadable():
     buffer = io.BytesIO()
     np.save(buffer, np.array([1, "x", None], dtype=object), allow_pickle=True)
-    bad = Array(dtype="object", shape=(3,), stype=DENSE_STYPE, data=buffer.getvalue())
-    assert_rejected(replaced("fc.bias", bad), "fc.bias", "unreadable")
+    declared_object = Array(dtype="object", shape=(3,), stype=DENSE_STYPE, data=buffer.getvalue())
+    assert_rejected(replaced("fc.bias", declared_object), "fc.bias", "dtype 'object'")
+    lying = Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=buffer.getvalue())
+    assert_rejected(replaced("fc.bias", lying), "fc.bias", "unreadable")  # never unpickled
 
 
 # --------------------------------------------------------------------------- mask records

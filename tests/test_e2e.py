@@ -148,13 +148,74 @@ def test_mnist_preset_two_rounds(flwr_home, tmp_path):
     assert records[-1]["flops"] < 0.3 * records[-1]["dense-flops"]
 
 
+def final_state(results: Path, run_name: str) -> dict:
+    """The run's last checkpoint: global weights and strategy state (masks, RNG, ...)."""
+    return torch.load(results / run_name / "checkpoint.pt", weights_only=True)
+
+
+def assert_same_model(first: dict, second: dict) -> None:
+    assert first["round"] == second["round"]
+    for key in ("arrays", "masks"):
+        one, other = first["arrays"] if key == "arrays" else first["strategy"]["masks"], (
+            second["arrays"] if key == "arrays" else second["strategy"]["masks"]
+        )
+        assert one.keys() == other.keys() and all(torch.equal(one[n], other[n]) for n in one), key
+    assert first["strategy"]["mask_version"] == second["strategy"]["mask_version"]
+
+
+def without(record: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in record.items() if k not in keys}
+
+
 def test_same_seed_same_run(flwr_home, tmp_path):
-    """Node ids change between runs; sampling by partition-id keeps a seeded run reproducible."""
-    overrides = {"num-server-rounds": 3, "clients-per-round": 2, "delta-r": 1, "r-end": 3, "alpha": 0.2}
+    """Node ids change between runs; sampling by partition-id keeps a seeded run
+    reproducible: identical metrics (bytes included) and identical final masks and weights."""
+    overrides = {"num-server-rounds": 3, "clients-per-round": 2, "delta-r": 1, "r-end": 3, "alpha": 0.2, "checkpoint-every": 3}
     first, second = (flwr_run(flwr_home, tmp_path, f"repeat-{i}", overrides) for i in range(2))
-    strip = [{k: v for k, v in record.items() if k != "wall-time"} for record in first + second]
-    assert strip[: len(first)] == strip[len(first) :]
+    assert [without(r, ("wall-time",)) for r in first] == [without(r, ("wall-time",)) for r in second]
     assert first[-1]["mask-version"] >= 1  # the readjustments moved the mask
+    assert_same_model(final_state(tmp_path, "repeat-0"), final_state(tmp_path, "repeat-1"))
+
+
+RESUME = {"num-server-rounds": 4, "clients-per-round": 2, "delta-r": 1, "r-end": 4, "alpha": 0.2, "checkpoint-every": 2}
+DOWNLOAD = ("download-bytes", "client-download-bytes", "cum-download-bytes", "masks-sent")
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(flwr_home, tmp_path):
+    """A run whose last checkpoint is after round 2 (it stopped during round 3: the first
+    run below has 3 rounds) resumed to round 4 ends with the uninterrupted run's weights,
+    masks and metrics. Only downloads differ: the restarted nodes lost the mask, so each
+    gets the bitmask again on first contact."""
+    straight = flwr_run(flwr_home, tmp_path, "straight", RESUME)
+    interrupted = flwr_run(flwr_home, tmp_path, "resumed", {**RESUME, "num-server-rounds": 3})
+    resumed = flwr_run(flwr_home, tmp_path, "resumed", {**RESUME, "resume": True})
+
+    assert len(interrupted) == 4 and [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
+    assert [without(r, ("wall-time",)) for r in resumed[:3]] == [without(r, ("wall-time",)) for r in straight[:3]]
+    assert [without(r, ("wall-time", *DOWNLOAD)) for r in resumed] == [without(r, ("wall-time", *DOWNLOAD)) for r in straight]
+    bitmask = predicted_sizes()[1]
+    assert resumed[3]["masks-sent"] == RESUME["clients-per-round"]
+    for again, once in zip(resumed[3:], straight[3:]):
+        assert again["download-bytes"] - once["download-bytes"] == (again["masks-sent"] - once["masks-sent"]) * bitmask
+    assert_same_model(final_state(tmp_path, "resumed"), final_state(tmp_path, "straight"))
+
+
+def test_failing_clients_are_dropped_and_the_run_finishes(flwr_home, tmp_path):
+    """client-failure-rate 0.3: error replies count as failures, the rest is aggregated."""
+    overrides = {"num-server-rounds": 4, "client-failure-rate": 0.3}
+    records = flwr_run(flwr_home, tmp_path, "dropouts", overrides)
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
+    assert all(r["replies"] == NODES for r in records[1:])  # error replies are replies
+    assert sum(r["rejected"] for r in records[1:]) > 0
+    assert records[-1]["test-accuracy"] > records[0]["test-accuracy"] + 0.2, records
+
+
+def test_clients_slower_than_the_round_timeout_are_dropped(flwr_home, tmp_path):
+    """With a round timeout no client can meet, no reply counts: every round is skipped
+    and the global model stays the initial one."""
+    records = flwr_run(flwr_home, tmp_path, "timeouts", {"num-server-rounds": 2, "round-timeout": 0.01})
+    assert all(r["replies"] == 0 and r["rejected"] == NODES for r in records[1:])
+    assert records[-1]["test-accuracy"] == records[0]["test-accuracy"]
 
 
 @pytest.mark.parametrize(

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from conftest import random_data
-from feddst_flwr.aggregation import ClientUpdate, aggregate
+from feddst_flwr.aggregation import ClientUpdate
 from feddst_flwr.client import MissingMaskError, client_round
-from feddst_flwr.codec import VALUES_STYPE, CodecError, carries_mask, decode, payload_bytes
+from feddst_flwr.codec import BITMASK_STYPE, VALUES_STYPE, CodecError, carries_mask, decode, encode, payload_bytes
 from feddst_flwr.masks import hamming, layer_counts, maskable_names
 from feddst_flwr.models import DigitsCNN
 from feddst_flwr.strategy import FedDST, PruneFL, build_strategy
@@ -256,40 +258,174 @@ def without(record: ArrayRecord, name: str) -> ArrayRecord:
     return ArrayRecord({key: record[key] for key in record if key != name})
 
 
+def masked_record(reply: Message, strategy: FedDST, change) -> ArrayRecord:
+    """The reply's weights re-encoded with a bitmask: its mask after `change(fc1 mask)`."""
+    decoded = decode(reply.content["arrays"], SHAPES, MASKABLE, strategy.masks)
+    masks = {name: mask.clone() for name, mask in decoded.masks.items()}
+    change(masks["fc1.weight"].view(-1))
+    return encode(decoded.state, masks, send_mask=True)
+
+
+def grow_one(flat: torch.Tensor) -> None:
+    flat[torch.nonzero(~flat)[0]] = True
+
+
+def swap_one(flat: torch.Tensor) -> None:
+    flat[torch.nonzero(flat)[0]] = False
+    grow_one(flat)
+
+
+def replaced(record: ArrayRecord, name: str, array: Array) -> ArrayRecord:
+    return ArrayRecord({**{key: record[key] for key in record}, name: array})
+
+
+def values_array(reply: Message, name: str, transform) -> Array:
+    """The layer's values Array after `transform(numpy values)`."""
+    array = reply.content["arrays"][name]
+    values = transform(np.frombuffer(array.data, dtype="<f4").copy())
+    return Array(dtype=str(values.dtype), shape=array.shape, stype=VALUES_STYPE, data=values.tobytes())
+
+
+def with_nan(values: np.ndarray) -> np.ndarray:
+    values[3] = np.nan
+    return values
+
+
+def with_inf(values: np.ndarray) -> np.ndarray:
+    values[0] = -np.inf
+    return values
+
+
+OVERSIZED_BIAS = Array(dtype="float32", shape=(10,), stype="numpy.ndarray", data=Array(np.zeros(10**6, dtype="<f4")).data)
+SHORT_BITMASK = Array(dtype="bool", shape=(0,), stype=BITMASK_STYPE, data=b"\x00")
+
+
+def arrays_tamper(make_record):
+    """A tamper that replaces the reply's weights with make_record(reply, strategy)."""
+    return lambda r, s: with_arrays(r, make_record(r, s))
+
+
+def layer_tamper(name: str, make_array):
+    """A tamper that replaces (or adds) one array of the reply's weights."""
+    return arrays_tamper(lambda r, s: replaced(r.content["arrays"], name, make_array(r, s)))
+
+
+def values_tamper(transform):
+    """A tamper that transforms fc1.weight's values (numpy array in, numpy array out)."""
+    return layer_tamper("fc1.weight", lambda r, s: values_array(r, "fc1.weight", transform))
+
+
+# Every way a reply can be hostile or broken: name -> (round, tamper(reply, strategy) -> content,
+# regex of the logged reason). Round 2 is a readjustment round (masks may travel), round 1 is not.
 TAMPERING = {
-    "wrong value count": lambda r, s: with_arrays(
-        r, values_of(r.content["arrays"], "fc1.weight", s.counts["fc1.weight"] - 1)
+    "client error": (1, lambda r, s: Error(code=7, reason="boom"), "client error 7"),
+    "missing layer": (1, arrays_tamper(lambda r, s: without(r.content["arrays"], "fc2.bias")), "missing layers"),
+    "extra layer": (1, layer_tamper("evil", lambda r, s: r.content["arrays"]["fc2.bias"]), "unexpected layers"),
+    "wrong shape": (1, layer_tamper("fc2.bias", lambda r, s: Array(np.zeros(11, dtype="<f4"))), "shape"),
+    "wrong value count": (
+        1, arrays_tamper(lambda r, s: values_of(r.content["arrays"], "fc1.weight", s.counts["fc1.weight"] - 1)),
+        "values but the mask",
     ),
-    "missing layer": lambda r, s: with_arrays(r, without(r.content["arrays"], "fc2.bias")),
-    "no metrics": lambda r, s: RecordDict({"arrays": r.content["arrays"]}),
-    "zero examples": lambda r, s: with_examples(r, 0),
-    "float examples": lambda r, s: with_examples(r, 16.0),
-}
+    "NaN values": (1, values_tamper(with_nan), "NaN"),
+    "Inf values": (1, values_tamper(with_inf), "NaN or Inf"),
+    "float64 values": (1, values_tamper(lambda v: v.astype("<f8")), "dtype"),
+    "oversized dense": (1, layer_tamper("fc2.bias", lambda r, s: OVERSIZED_BIAS), "at most"),
+    "bitmask wrong length": (
+        2, arrays_tamper(lambda r, s: replaced(masked_record(r, s, swap_one), "fc1.weight:mask", SHORT_BITMASK)),
+        "bitmask",
+    ),
+    "popcount != values": (
+        2, arrays_tamper(lambda r, s: replaced(masked_record(r, s, grow_one), "fc1.weight", r.content["arrays"]["fc1.weight"])),
+        "values but the mask",
+    ),
+    "mask denser than S": (2, arrays_tamper(lambda r, s: masked_record(r, s, grow_one)), "sparsity 0.8 allows"),
+    "mask changed without readjustment": (1, arrays_tamper(lambda r, s: masked_record(r, s, swap_one)), "without readjustment"),
+    "no metrics": (1, lambda r, s: RecordDict({"arrays": r.content["arrays"]}), "metrics"),
+    "extra records": (1, lambda r, s: RecordDict({**with_arrays(r, r.content["arrays"]), "junk": ArrayRecord()}), "junk"),
+    "missing examples": (
+        1, lambda r, s: RecordDict({"arrays": r.content["arrays"], "metrics": MetricRecord({"train-loss": 1.0})}),
+        "num-examples",
+    ),
+    "zero examples": (1, lambda r, s: with_examples(r, 0), "num-examples"),
+    "negative examples": (1, lambda r, s: with_examples(r, -16), "num-examples"),
+    "absurd examples": (1, lambda r, s: with_examples(r, 10**9), "num-examples"),
+    "float examples": (1, lambda r, s: with_examples(r, 16.0), "num-examples"),
+}  # fmt: skip
+
+
+def replies_for(federation: Federation, server_round: int) -> tuple[list[Message], list[Message]]:
+    """Run rounds 1 .. server_round - 1, then return that round's messages and replies."""
+    for earlier in range(1, server_round):
+        federation.round(earlier)
+    messages = federation.configure(server_round)
+    return messages, [federation.reply(m) for m in messages]
+
+
+def assert_same_global_model(strategy: FedDST, arrays, twin: FedDST, twin_arrays) -> None:
+    """Bit-identical weights, mask and mask version."""
+    state, twin_state = arrays.to_torch_state_dict(), twin_arrays.to_torch_state_dict()
+    assert all(torch.equal(state[name], twin_state[name]) for name in SHAPES)
+    assert all(torch.equal(strategy.masks[name], twin.masks[name]) for name in MASKABLE)
+    assert strategy.mask_version == twin.mask_version
+
+
+def twins(make_cfg, **options) -> tuple[Federation, Federation]:
+    """Two identical federations: one meets the hostile reply, the other never sees it."""
+    return tuple(
+        Federation(make_cfg(), strategy=make_strategy(**options), node_ids=(1, 2, 3), same_data=False) for _ in range(2)
+    )
 
 
 @pytest.mark.parametrize("tamper", TAMPERING, ids=list(TAMPERING))
-def test_invalid_reply_is_rejected_and_the_rest_aggregated(make_cfg, tamper):
-    federation = Federation(make_cfg(), node_ids=(1, 2, 3), same_data=False)
+def test_hostile_reply_is_rejected_and_the_model_equals_a_run_without_it(make_cfg, tamper):
+    server_round, make_content, error = TAMPERING[tamper]
+    federation, twin = twins(make_cfg)
+    messages, replies = replies_for(federation, server_round)
+    replies_for(twin, server_round)
+    node = messages[1].metadata.dst_node_id
+    hostile = Message(make_content(replies[1], federation.strategy), reply_to=messages[1])
+
+    arrays, metrics = federation.aggregate(server_round, [replies[0], hostile, replies[2]])
+    twin_arrays, twin_metrics = twin.aggregate(server_round, [replies[0], replies[2]])
+
+    failures = federation.strategy.stats.failures
+    assert len(failures) == 1 and failures[0].startswith(f"node {node}:") and re.search(error, failures[0]), failures
+    assert node not in federation.strategy.delivered  # it gets the bitmask again next time
+    assert_same_global_model(federation.strategy, arrays, twin.strategy, twin_arrays)
+    assert dict(metrics) == dict(twin_metrics)
+
+
+def test_replies_from_unsampled_nodes_and_duplicates_are_rejected(make_cfg):
+    federation, twin = twins(make_cfg)
+    _, replies = replies_for(federation, 1)
+    replies_for(twin, 1)
+    stranger = Message(replies[0].content, reply_to=Message(RecordDict(), dst_node_id=99, message_type="train"))
+    arrays, _ = federation.aggregate(1, [*replies, replies[0], stranger])
+    twin_arrays, _ = twin.aggregate(1, replies)
+    duplicate = replies[0].metadata.src_node_id
+    assert [f.split(":")[0] for f in federation.strategy.stats.failures] == [f"node {duplicate}", "node 99"]
+    assert_same_global_model(federation.strategy, arrays, twin.strategy, twin_arrays)
+
+
+@pytest.mark.parametrize(
+    "min_fit_fraction, valid, skipped", [(0.5, 2, False), (0.5, 1, True), (1.0, 2, True), (0.0, 1, False)]
+)
+def test_min_fit_fraction_decides_whether_the_round_counts(make_cfg, min_fit_fraction, valid, skipped):
+    federation, _ = twins(make_cfg, min_fit_fraction=min_fit_fraction)
     strategy = federation.strategy
-    messages = federation.configure(1)
-    replies = [federation.reply(m) for m in messages]
-    bad = next(r for r in replies if r.metadata.src_node_id == 2)
-    replies[replies.index(bad)] = Message(TAMPERING[tamper](bad, strategy), reply_to=messages[replies.index(bad)])
+    before, masks_before = federation.arrays, dict(strategy.masks)
+    messages, replies = replies_for(federation, 1)
+    arrays, metrics = federation.aggregate(1, replies[:valid])  # the others never replied (timed out)
 
-    good = [r for r in replies if r.metadata.src_node_id != 2]
-    decoded = [decode(r.content["arrays"], SHAPES, MASKABLE, strategy.masks) for r in good]
-    updates = [ClientUpdate(d.state, strategy.masks, 16) for d in decoded]
-    expected_state, expected_masks = aggregate(updates, strategy.counts)
-    arrays, metrics = federation.aggregate(1, replies)
+    silent = sorted(m.metadata.dst_node_id for m in messages[valid:])
+    assert strategy.stats.skipped == skipped
+    assert strategy.stats.failures == [f"node {n}: no reply (failed, timed out or lost)" for n in silent]
+    if skipped:
+        assert (arrays, metrics) == (None, None) and federation.arrays is before
+        assert all(torch.equal(masks_before[n], strategy.masks[n]) for n in MASKABLE) and strategy.mask_version == 0
+    else:
+        assert arrays is not None and federation.arrays is arrays
 
-    assert len(strategy.stats.failures) == 1 and strategy.stats.failures[0].startswith("node 2:")
-    assert 2 not in strategy.delivered and set(strategy.delivered) == {1, 3}
-    state = arrays.to_torch_state_dict()
-    assert all(torch.equal(state[name], expected_state[name]) for name in SHAPES)
-    assert all(torch.equal(strategy.masks[name], expected_masks[name]) for name in MASKABLE)
-    losses = [r.content["metrics"]["train-loss"] for r in good]
-    assert metrics["train-loss"] == pytest.approx(sum(losses) / 2)  # equal weights: 16 examples each
-    assert "num-examples" not in metrics
 
 
 def test_all_replies_invalid_keeps_the_model(federation):
@@ -458,23 +594,26 @@ def test_prunefl_asks_for_gradients_on_reconfiguration_rounds_only():
     assert asked == [0, 1, 0, 1, 0, 0]
 
 
-@pytest.mark.parametrize("problem", ["names", "nan"])
+GRADIENT_PROBLEMS = {"names": "gradients cover", "nan": "NaN", "unasked": "expected \\['arrays'\\]", "missing": "expected \\['arrays', 'gradients'\\]"}
+
+
+@pytest.mark.parametrize("problem", GRADIENT_PROBLEMS)
 def test_prunefl_rejects_bad_gradients(problem):
     strategy = prunefl()
+    strategy.asks_gradients = problem != "unasked"
     model = new_model()
     apply = {n: p.detach() * strategy.masks[n] for n, p in model.state_dict().items() if n in strategy.masks}
     state = {**model.state_dict(), **apply}
-    from feddst_flwr.codec import encode
 
     gradients = {n: torch.ones(SHAPES[n]) for n in MASKABLE}
     if problem == "names":
         gradients.pop(MASKABLE[0])
-    else:
+    elif problem == "nan":
         gradients[MASKABLE[1]][0] = float("nan")
+    extra = {} if problem == "missing" else {"gradients": ArrayRecord(gradients)}
     content = RecordDict(
-        {"arrays": encode(state, strategy.masks, False), "gradients": ArrayRecord(gradients),
-         "metrics": MetricRecord({"num-examples": 4})}
-    )  # fmt: skip
+        {"arrays": encode(state, strategy.masks, False), **extra, "metrics": MetricRecord({"num-examples": 4})}
+    )
     reply = Message(content, reply_to=Message(RecordDict(), dst_node_id=100, message_type="train"))
-    with pytest.raises(CodecError, match="gradients cover|NaN"):
+    with pytest.raises(CodecError, match=GRADIENT_PROBLEMS[problem]):
         strategy._decode_reply(reply)

@@ -1,0 +1,79 @@
+"""Checkpoint and resume: the server's state (global model, strategy, recorder) saved
+atomically to `<results-dir>/<run-name>/checkpoint.pt` every `checkpoint-every` rounds, and
+loaded, checked against the run config, when the run config says `resume = true`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ExperimentConfig
+
+FORMAT = 1
+# Keys that may change between the interrupted run and its resumption.
+RESUMABLE_CHANGES = (
+    "num_server_rounds", "resume", "checkpoint_every", "round_timeout", "data_dir", "cache_dir", "results_dir", "run_name",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or belongs to another experiment."""
+
+
+@dataclass
+class Checkpoint:
+    """The server's state after `round`."""
+
+    round: int
+    arrays: dict[str, torch.Tensor]
+    strategy: dict[str, Any]
+    recorder: dict[str, Any]
+
+
+def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The run config keys a checkpoint must agree with."""
+    return {key: value for key, value in asdict(cfg).items() if key not in RESUMABLE_CHANGES}
+
+
+def checkpoint_path(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.results_dir) / cfg.name / "checkpoint.pt"
+
+
+def save_checkpoint(cfg: ExperimentConfig, checkpoint: Checkpoint) -> Path:
+    """Write the checkpoint atomically: a temporary file, fsync, then rename over the old one."""
+    path = checkpoint_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("wb") as out:
+        torch.save({"format": FORMAT, "config": fingerprint(cfg), **asdict(checkpoint)}, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(cfg: ExperimentConfig) -> Checkpoint:
+    """The run's last checkpoint; CheckpointError if it is missing, corrupt or mismatched."""
+    path = checkpoint_path(cfg)
+    if not path.exists():
+        raise CheckpointError(f"resume = true but there is no checkpoint at {path} (set checkpoint-every > 0)")
+    try:
+        saved = torch.load(path, weights_only=True)
+        fields = {key: saved[key] for key in ("round", "arrays", "strategy", "recorder")}
+        version, config = saved["format"], saved["config"]
+    except Exception as err:  # torch.load raises many types on damaged files
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
+    if version != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {version}, this version reads {FORMAT}")
+    expected = fingerprint(cfg)
+    differing = sorted(key for key in expected.keys() | config.keys() if expected.get(key) != config.get(key))
+    if differing:
+        details = ", ".join(f"{key.replace('_', '-')}: {config.get(key)!r} -> {expected.get(key)!r}" for key in differing)
+        raise CheckpointError(f"checkpoint {path} was written by a different experiment ({details})")
+    if fields["round"] >= cfg.num_server_rounds:
+        raise CheckpointError(f"checkpoint {path} is at round {fields['round']}: nothing left of {cfg.num_server_rounds} rounds")
+    return Checkpoint(**fields)

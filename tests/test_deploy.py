@@ -1,0 +1,93 @@
+"""Deployment: certificates from deploy/certs.py, and FedDST on a real SuperLink + 2
+SuperNodes on loopback with TLS (deploy/local.py), 2 rounds with a readjustment round;
+our payload byte counts against the SuperLink's own traffic figure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "deploy"))
+import local  # noqa: E402
+from certs import create_certificates  # noqa: E402
+
+PORT = 39600  # SuperLink; SuperNodes on 39601, 39602
+NODES = 2
+RUN_CONFIG = {
+    "num-server-rounds": 2, "clients-per-round": NODES, "delta-r": 1, "r-end": 2, "alpha": 0.2,
+    "local-epochs": 1, "classes-per-client": 5, "run-name": "deployed",
+}  # fmt: skip
+
+
+def test_certificates_have_loopback_sans_and_chain_to_the_ca(tmp_path):
+    paths = create_certificates(tmp_path, ("superlink.example.org", "10.0.0.7"))
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    server = x509.load_pem_x509_certificate(paths["cert"].read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"localhost", "superlink.example.org"}
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.0.0.7"}
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert oct(paths["key"].stat().st_mode & 0o777) == "0o600"
+
+
+def flwr(home: str, *args: str, timeout: float = 60) -> dict:
+    """A `flwr` CLI call with --format json, against the deployment in FLWR_HOME=home."""
+    env = {**os.environ, "FLWR_HOME": home, **local.ENV}
+    done = subprocess.run(
+        [local.bin_path("flwr"), *args, "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def wait_for_run(home: str, run_id: str, timeout: float = 480) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        (run,) = flwr(home, "ls", local.FEDERATION, "--run-id", run_id)["runs"]
+        if run["status"].startswith("finished"):
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"run {run_id} did not finish in {timeout} s")
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    info = local.up(tmp_path / "state", NODES, PORT, tls=True)
+    try:
+        yield info
+    finally:
+        pids = local.down(tmp_path / "state")
+        assert pids and not any(local._alive(pid) for pid in pids)
+
+
+def test_feddst_on_superlink_and_supernodes_with_tls(deployment, tmp_path):
+    home = deployment["flwr_home"]
+    assert "root-certificates" in Path(home, "config.toml").read_text()
+    config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**RUN_CONFIG, "results-dir": str(tmp_path)}.items())
+    run_id = str(flwr(home, "run", ".", local.FEDERATION, "--run-config", config)["run-id"])
+    run = wait_for_run(home, run_id)
+    assert run["status"] == "finished:completed", run
+
+    records = [json.loads(line) for line in (tmp_path / "deployed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["replies"] == NODES and r["rejected"] == 0 for r in records[1:])
+    assert records[1]["readjust-alpha"] > 0 and records[1]["mask-changed"] > 0  # a readjustment round
+    assert records[2]["masks-sent"] == NODES  # the new mask went down
+    for record in records[1:]:
+        assert record["client-upload-bytes"] == record["upload-bytes"]
+        assert record["client-download-bytes"] == record["download-bytes"]
+    ours = records[-1]["cum-upload-bytes"] + records[-1]["cum-download-bytes"]
+    superlink = run["network-traffic"]["total-bytes"]
+    # the SuperLink counts whole Fleet API requests and responses: our payload plus message
+    # metadata, config and metric records, protobuf framing and the node's polling
+    assert ours <= superlink <= 1.10 * ours, (ours, run["network-traffic"])
