@@ -82,7 +82,8 @@ Runner = Callable[[dict, int, Path], None]  # (run config, num supernodes, FLWR_
 
 def run_experiment(experiment: Experiment, results: Path, runner: Runner) -> None:
     """Run every (strategy, seed) without a `done` marker; a run left unfinished by an
-    interruption is deleted and restarted from scratch."""
+    interruption continues from its checkpoint if it has one (`checkpoint-every` > 0, FedDST
+    family), else it is deleted and restarted from scratch."""
     home = results / ".flwr-home"
     stop_superlink(home)  # an interrupted sim.py may have left a run going
     todo = experiment.runs()
@@ -91,9 +92,14 @@ def run_experiment(experiment: Experiment, results: Path, runner: Runner) -> Non
         if (run_dir / "done").exists():
             print(f"[{index}/{len(todo)}] {run_dir.name}: finished, skipped")
             continue
-        shutil.rmtree(run_dir, ignore_errors=True)
         config = experiment.config(strategy, seed, results)
-        print(f"[{index}/{len(todo)}] {run_dir.name}: {config['num-server-rounds']} rounds", flush=True)
+        resume = config.get("checkpoint-every", 0) > 0 and (run_dir / "checkpoint.pt").exists()
+        if resume:
+            config["resume"] = True
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        action = "resumed from its checkpoint" if resume else f"{config['num-server-rounds']} rounds"
+        print(f"[{index}/{len(todo)}] {run_dir.name}: {action}", flush=True)
         runner(config, experiment.num_supernodes, home)
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
         if len(lines) != config["num-server-rounds"] + 1:

@@ -124,12 +124,15 @@ class FakeRunner:
 
     def __init__(self, fail: str = "") -> None:
         self.calls: list[str] = []
+        self.resumed: list[str] = []
         self.fail = fail
 
     def __call__(self, config: dict, num_supernodes: int, home: Path) -> None:
         self.calls.append(config["run-name"])
         run_dir = Path(config["results-dir"]) / config["run-name"]
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=config.get("resume", False))
+        if config.get("resume"):
+            self.resumed.append(config["run-name"])
         rounds = 1 if config["run-name"] == self.fail else config["num-server-rounds"] + 1
         (run_dir / "metrics.jsonl").write_text("{}\n" * rounds)
 
@@ -146,6 +149,19 @@ def test_resumption_skips_finished_runs_and_restarts_interrupted_ones(tmp_path):
     assert all((results / name / "done").exists() for name in ("feddst-seed1", "fedavg-seed0", "fedavg-seed1"))
     sim.run_experiment(exp, results, runner)  # everything finished: nothing runs again
     assert len(runner.calls) == 3
+
+
+def test_an_interrupted_run_with_a_checkpoint_resumes(tmp_path):
+    exp, results = experiment(tmp_path), tmp_path / "results"
+    exp.per_strategy["feddst"] = {"checkpoint-every": 1}
+    write_run(results, "feddst-seed0", records([0, 1], [0.1, 0.2]), done=False)
+    (results / "feddst-seed0" / "checkpoint.pt").write_text("a checkpoint")
+    runner = FakeRunner()
+    exp.seeds = [0]
+    sim.run_experiment(exp, results, runner)
+    assert runner.calls == ["feddst-seed0", "fedavg-seed0"] and runner.resumed == ["feddst-seed0"]
+    assert (results / "feddst-seed0" / "checkpoint.pt").exists()  # not deleted
+    assert (results / "feddst-seed0" / "done").exists()
 
 
 def test_a_run_that_ends_early_is_not_marked_done(tmp_path):
