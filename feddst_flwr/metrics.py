@@ -134,6 +134,7 @@ class RoundRecorder:
             "readjust-alpha": stats.readjust_alpha,
             "masks-sent": stats.masks_sent,
             "rejected": len(stats.failures),
+            "skipped": int(stats.skipped),
             "flops": forward_flops(self.model, masks),
             "dense-flops": self.dense_flops,
         }

@@ -214,7 +214,7 @@ def test_clients_slower_than_the_round_timeout_are_dropped(flwr_home, tmp_path):
     """With a round timeout no client can meet, no reply counts: every round is skipped
     and the global model stays the initial one."""
     records = flwr_run(flwr_home, tmp_path, "timeouts", {"num-server-rounds": 2, "round-timeout": 0.01})
-    assert all(r["replies"] == 0 and r["rejected"] == NODES for r in records[1:])
+    assert all(r["replies"] == 0 and r["rejected"] == NODES and r["skipped"] == 1 for r in records[1:])
     assert records[-1]["test-accuracy"] == records[0]["test-accuracy"]
 
 
