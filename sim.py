@@ -43,6 +43,7 @@ class Experiment:
     num_supernodes: int
     run_config: dict = field(default_factory=dict)
     per_strategy: dict[str, dict] = field(default_factory=dict)
+    caption: str = ""  # what the report says about the setting (e.g. rounds cut from the paper's)
 
     @classmethod
     def load(cls, path: Path) -> Experiment:
@@ -58,7 +59,7 @@ class Experiment:
             raise ValueError(f"{path}: [strategy.X] sections for strategies not in the list: {sorted(unknown)}")
         return cls(
             path.stem, tomllib.loads(preset.read_text()), list(spec["strategies"]), list(spec["seeds"]),
-            int(spec["num-supernodes"]), spec.get("run-config", {}), spec.get("strategy", {}),
+            int(spec["num-supernodes"]), spec.get("run-config", {}), spec.get("strategy", {}), spec.get("caption", ""),
         )  # fmt: skip
 
     def runs(self) -> list[tuple[str, int]]:
@@ -161,11 +162,13 @@ def _terminate(pid: int, group: bool = False) -> None:
         pass
 
 
-def write_report(results: Path) -> str:
-    """REPORT.md and curves.png in the experiment's results folder; returns the table."""
+def write_report(results: Path, caption: str = "") -> str:
+    """REPORT.md (title, caption, plot, table) and curves.png in the experiment's results
+    folder; returns the table."""
     runs = report.load_runs(results)
     table = report.summary_table(runs)
-    (results / "REPORT.md").write_text(f"# {results.name}\n\n![curves](curves.png)\n\n{table}")
+    caption = f"{caption.strip()}\n\n" if caption.strip() else ""
+    (results / "REPORT.md").write_text(f"# {results.name}\n\n{caption}![curves](curves.png)\n\n{table}")
     report.plot(runs, results / "curves.png")
     return table
 
@@ -182,7 +185,7 @@ def main() -> None:
     results = ROOT / "results" / experiment.name
     if not only_report:
         run_experiment(experiment, results, flwr_run)
-    print(write_report(results))
+    print(write_report(results, experiment.caption))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: s
     limits = caps(runs, reference)
     header = (
         f"| strategy | seeds | {' | '.join(f'{metric} at {k} ({v / GIB:.3f} GiB)' for k, v in limits.items())} "
-        "| final | upload GiB | download GiB | forward MFLOPs | wall s |"
+        "| final | rounds | upload GiB | download GiB | forward MFLOPs | wall s |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for strategy, seeds in runs.items():
@@ -84,7 +84,7 @@ def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: s
         at_caps = " | ".join(_cell(seeds, cap, metric) for cap in limits.values())
         lines.append(
             f"| {strategy} | {len(seeds)} | {at_caps} | {_fmt(np.mean([_last(run, metric) for run in seeds]))} "
-            f"| {np.mean([r['cum-upload-bytes'] for r in final]) / GIB:.3f} "
+            f"| {'/'.join(sorted({str(r['round']) for r in final}))} | {np.mean([r['cum-upload-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['cum-download-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['flops'] for r in final]) / 1e6:.2f} | {np.mean([r['wall-time'] for r in final]):.0f} |"
         )

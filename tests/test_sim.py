@@ -61,10 +61,10 @@ def test_caps_and_table(experiment_dir):
     table = report.summary_table(runs)
     feddst = next(line for line in table.splitlines() if line.startswith("| feddst "))
     # mean over seeds at 1, 2 and 4 GiB (both feddst runs ended at 2: final values, starred), final,
-    # upload/download GiB, MFLOPs, wall
-    assert feddst == "| feddst | 2 | 0.5500 | 0.7500 | 0.7500* | 0.7500 | 2.000 | 4.000 | 3.00 | 20 |"
+    # rounds, upload/download GiB, MFLOPs, wall
+    assert feddst == "| feddst | 2 | 0.5500 | 0.7500 | 0.7500* | 0.7500 | 2 | 2.000 | 4.000 | 3.00 | 20 |"
     fedavgm = next(line for line in table.splitlines() if line.startswith("| fedavgm "))
-    assert fedavgm.startswith("| fedavgm | 1 | 0.2000 | 0.3000 | 0.5000 | 0.9000 | 6.000 | 12.000 |")
+    assert fedavgm.startswith("| fedavgm | 1 | 0.2000 | 0.3000 | 0.5000 | 0.9000 | 3 | 6.000 | 12.000 |")
     assert "\\* a run ended below this upload cap" in table
     assert "at 0.5x (1.000 GiB)" in table.splitlines()[0]
     assert "feddst - fedavgm at equal upload (2.000 GiB): +0.4500" in table
@@ -78,9 +78,17 @@ def test_report_needs_feddst_runs(tmp_path):
 
 
 def test_write_report_makes_markdown_and_plot(experiment_dir):
-    table = sim.write_report(experiment_dir)
-    assert (experiment_dir / "REPORT.md").read_text().endswith(table)
+    table = sim.write_report(experiment_dir, caption="Shortened: 2 rounds instead of 400.\n")
+    text = (experiment_dir / "REPORT.md").read_text()
+    assert text.endswith(table) and text.startswith(f"# {experiment_dir.name}\n\nShortened: 2 rounds instead of 400.\n\n")
     assert (experiment_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_caption_is_read_from_the_file(tmp_path):
+    assert experiment(tmp_path).caption == ""
+    path = tmp_path / "exp.toml"
+    path.write_text('caption = "100 of the paper\'s 400 rounds"\n' + path.read_text())
+    assert sim.Experiment.load(path).caption == "100 of the paper's 400 rounds"
 
 
 def experiment(tmp_path, **extra) -> sim.Experiment:
