@@ -25,6 +25,8 @@ INJECTED_FAILURE_CODE = 4003  # a failure drawn with probability client-failure-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's partition and reply with the (sparse) update."""
+    if "arrays" not in msg.content.array_records or "config" not in msg.content.config_records:
+        return bad_message(msg, "it lacks the 'arrays' or the 'config' record")
     cfg = ExperimentConfig.from_run_config(context.run_config)
     raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
     scheme = cfg.partition_scheme(cfg.num_partitions or int(context.node_config["num-partitions"]))
@@ -38,9 +40,14 @@ def train(msg: Message, context: Context) -> Message:
     except MissingMaskError as err:
         return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
     except CodecError as err:
-        log(ERROR, "rejected the server's message: %s", err)
-        return Message(Error(code=BAD_MESSAGE_CODE, reason=f"rejected the server's message: {err}"), reply_to=msg)
+        return bad_message(msg, str(err))
     return Message(result.content(), reply_to=msg)
+
+
+def bad_message(msg: Message, problem: str) -> Message:
+    """Log and answer a server message that failed validation."""
+    log(ERROR, "rejected the server's message: %s", problem)
+    return Message(Error(code=BAD_MESSAGE_CODE, reason=f"rejected the server's message: {problem}"), reply_to=msg)
 
 
 @app.query()

@@ -354,6 +354,9 @@ def test_client_rejects_a_bad_server_message_and_keeps_its_mask(server, make_cfg
 def test_client_app_replies_with_an_error_to_a_bad_message(client_app, context):
     reply = client_app.app(instruction(nan_payload(app_server(context)), round_config(1)), context)
     assert reply.has_error() and reply.error.code == client_app.BAD_MESSAGE_CODE and "NaN" in reply.error.reason
+    config_only = Message(RecordDict({"config": round_config(1)}), message_type=MessageType.TRAIN, dst_node_id=3)
+    reply = client_app.app(config_only, context)
+    assert reply.has_error() and reply.error.code == client_app.BAD_MESSAGE_CODE and "'arrays'" in reply.error.reason
 
 
 def test_injected_failures_are_reproducible_and_at_the_configured_rate(make_cfg):
