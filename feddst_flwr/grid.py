@@ -36,6 +36,7 @@ class Traffic:
     client_upload: int = 0
     messages: int = 0
     replies: int = 0
+    errors: int = 0  # replies that carry an error instead of content
 
 
 def message_bytes(message: Message) -> int:
@@ -68,6 +69,7 @@ class ServerGrid(Grid):
         for reply in replies:
             self.traffic.upload += message_bytes(reply)
             self.traffic.replies += 1
+            self.traffic.errors += reply.has_error()
             if not reply.has_error() and "metrics" in reply.content.metric_records:
                 metrics = reply.content.metric_records["metrics"]
                 self.traffic.client_upload += int(metrics.get("upload-bytes", 0))

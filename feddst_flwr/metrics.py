@@ -119,6 +119,7 @@ class RoundRecorder:
             "cum-upload-bytes": self.cumulative.upload,
             "cum-download-bytes": self.cumulative.download,
             "replies": traffic.replies,
+            "error-replies": traffic.errors,
             "failures": traffic.messages - traffic.replies,
         }
 
