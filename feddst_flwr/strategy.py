@@ -439,6 +439,8 @@ def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
         min_available_nodes=sampling["min_available_nodes"],
         proximal_mu=cfg.effective_mu,
         min_votes=cfg.min_votes,
+        min_fit_fraction=cfg.min_fit_fraction,
+        max_num_examples=cfg.max_num_examples,
         value_dtype=cfg.value_dtype,
         seed=cfg.seed,
         server_optimizer=ServerOptimizer(

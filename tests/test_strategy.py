@@ -545,9 +545,10 @@ def test_build_strategy_baselines_sample_clients_per_round(make_cfg, name):
     "name, alpha, mu", [("feddst", 0.05, 0.0), ("feddst-prox", 0.05, 0.01), ("randommask", 0.0, 0.0)]
 )
 def test_build_strategy_sparse(make_cfg, name, alpha, mu):
-    cfg = make_cfg(strategy=name, proximal_mu=0.01, clients_per_round=4)
+    cfg = make_cfg(strategy=name, proximal_mu=0.01, clients_per_round=4, min_fit_fraction=0.75, max_num_examples=99)
     strategy = build_strategy(cfg, MASKABLE)
     assert type(strategy) is FedDST
+    assert (strategy.min_fit_fraction, strategy.max_num_examples) == (0.75, 99)
     assert (strategy.alpha, strategy.proximal_mu) == (alpha, mu)
     assert strategy.maskable == MASKABLE
     assert (strategy.sparsity, strategy.distribution, strategy.delta_r, strategy.r_end) == (0.8, "erk", 5, 30)
