@@ -98,7 +98,7 @@ def down(state: Path, grace: float = 10.0) -> list[int]:
     for pid in pids:
         _signal_group(pid, signal.SIGTERM)
     deadline = time.time() + grace
-    while time.time() < deadline and any(_alive(pid) for pid in pids):
+    while time.time() < deadline and any(alive(pid) for pid in pids):
         time.sleep(0.2)
     for pid in pids:
         _signal_group(pid, signal.SIGKILL)
@@ -113,7 +113,7 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
         if waited:

@@ -67,7 +67,7 @@ def deployment(tmp_path):
         yield info
     finally:
         pids = local.down(tmp_path / "state")
-        assert pids and not any(local._alive(pid) for pid in pids)
+        assert pids and not any(local.alive(pid) for pid in pids)
 
 
 def test_feddst_on_superlink_and_supernodes_with_tls(deployment, tmp_path):
