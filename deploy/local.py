@@ -114,6 +114,7 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def alive(pid: int) -> bool:
+    """Whether the process still runs (a finished child of ours is reaped first)."""
     try:
         waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
         if waited:
