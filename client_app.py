@@ -28,13 +28,13 @@ def train(msg: Message, context: Context) -> Message:
     if "arrays" not in msg.content.array_records or "config" not in msg.content.config_records:
         return bad_message(msg, "it lacks the 'arrays' or the 'config' record")
     cfg = ExperimentConfig.from_run_config(context.run_config)
-    raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
-    scheme = cfg.partition_scheme(cfg.num_partitions or int(context.node_config["num-partitions"]))
     partition = int(context.node_config[PARTITION_ID])
-    data = load_partition(raw, scheme, cfg.dataset, partition)
-    model = build_model(cfg.model, cfg.num_classes, cfg.seed)
     if injected_failure(cfg, msg.content["config"], partition):
         return Message(Error(code=INJECTED_FAILURE_CODE, reason="injected failure (client-failure-rate)"), reply_to=msg)
+    raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
+    scheme = cfg.partition_scheme(cfg.num_partitions or int(context.node_config["num-partitions"]))
+    data = load_partition(raw, scheme, cfg.dataset, partition)
+    model = build_model(cfg.model, cfg.num_classes, cfg.seed)
     try:
         result = client_round(model, data, msg.content["arrays"], msg.content["config"], cfg, context.state)
     except MissingMaskError as err:

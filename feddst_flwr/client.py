@@ -81,10 +81,10 @@ def receive(
     """Decode the server's payload (dense for baselines); a sparse one is decoded with the
     bitmask it carries, which the node then keeps, or with the mask the node holds."""
     initial = model.state_dict()
+    reference = shapes_of(initial, list(initial))
     check_config(config, is_sparse(arrays))
     if not is_sparse(arrays):
-        decoded = decode(arrays, shapes_of(initial, list(initial)), [], None)
-        return decoded.state, None
+        return decode(arrays, reference, [], None).state, None
     maskable = maskable_names(model)
     version = int(config["mask-version"])
     held = held_masks(node_state, version, shapes_of(initial, maskable))
@@ -93,7 +93,7 @@ def receive(
             f"{MISSING_MASK}: the server sent values for mask version {version} without its bitmask "
             "and this node does not hold that version; it will get the mask next round"
         )
-    decoded = decode(arrays, shapes_of(initial, list(initial)), maskable, held)
+    decoded = decode(arrays, reference, maskable, held)
     if decoded.mask_sent:
         store_masks(node_state, decoded.masks, version)
     return decoded.state, decoded.masks

@@ -120,7 +120,8 @@ def _check_names(record: ArrayRecord, reference: Shapes, maskable: list[str]) ->
 
 
 def decode_dense(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
-    """A dense numpy.ndarray Array, validated (stype, numeric dtype, shape, finite)."""
+    """A dense numpy.ndarray Array, validated (stype, dtype, declared and actual shape, size
+    before reading, finite values)."""
     if array.stype != DENSE_STYPE:
         raise CodecError(f"layer '{name}': dense tensor expected stype '{DENSE_STYPE}', got '{array.stype}'")
     if array.dtype not in DENSE_DTYPES:

@@ -32,7 +32,6 @@ class RoundStats:
     mask_changed: int = 0  # Hamming distance between the old and the new global mask
     readjust_alpha: float = 0.0
     masks_sent: int = 0  # nodes that got the bitmask in this round's download
-    sampled: int = 0
     failures: list[str] = field(default_factory=list)  # "node N: reason" per rejected or missing reply
     skipped: bool = False  # too few valid replies: the global model and mask were kept
 
@@ -244,7 +243,6 @@ class FedDST(Strategy):
         payloads: dict[bool, ArrayRecord] = {}
         messages = []
         self.sampled = self.sample(grid)
-        self.stats.sampled = len(self.sampled)
         for node_id in self.sampled:
             send_mask = self.delivered.get(node_id) != self.mask_version
             if send_mask not in payloads:
