@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     data = load_partition(raw, scheme, cfg.dataset, partition)
     model = build_model(cfg.model, cfg.num_classes, cfg.seed)
     try:
-        result = client_round(model, data, msg.content["arrays"], msg.content["config"], cfg, context.state)
+        result = client_round(model, data, msg.content["arrays"], msg.content["config"], cfg, context.state, partition)
     except MissingMaskError as err:
         return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
     except CodecError as err:

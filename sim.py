@@ -6,7 +6,10 @@ simulation engine on Ray), one after another; then the report.
 
 An experiment file names a preset (conf/<preset>.toml), the strategies, the seeds and the
 number of simulated nodes, plus run-config overrides for all runs ([run-config]) and per
-strategy ([strategy.NAME]). Results go to results/<experiment>/<strategy>-seed<k>/.
+strategy ([strategy.NAME]); `reference` names the run whose upload sets the report's caps
+(default feddst). A name in `strategies` may be a variant: its section sets
+`strategy` (e.g. [strategy.feddst-paper] with strategy = "feddst" and readjust-at = "end").
+Results go to results/<experiment>/<NAME>-seed<k>/.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Experiment:
     run_config: dict = field(default_factory=dict)
     per_strategy: dict[str, dict] = field(default_factory=dict)
     caption: str = ""  # what the report says about the setting (e.g. rounds cut from the paper's)
+    reference: str = "feddst"  # the run whose total upload sets the report's caps
 
     @classmethod
     def load(cls, path: Path) -> Experiment:
@@ -60,6 +64,7 @@ class Experiment:
         return cls(
             path.stem, tomllib.loads(preset.read_text()), list(spec["strategies"]), list(spec["seeds"]),
             int(spec["num-supernodes"]), spec.get("run-config", {}), spec.get("strategy", {}), spec.get("caption", ""),
+            spec.get("reference", "feddst"),
         )  # fmt: skip
 
     def runs(self) -> list[tuple[str, int]]:
@@ -69,8 +74,8 @@ class Experiment:
         """The full run config of one run: preset, then overrides, then its identity; relative
         data and cache folders are taken from the project root."""
         config = {
-            **self.preset, **self.run_config, **self.per_strategy.get(strategy, {}),
-            "strategy": strategy, "seed": seed, "results-dir": str(results), "run-name": f"{strategy}-seed{seed}",
+            **self.preset, **self.run_config, "strategy": strategy, **self.per_strategy.get(strategy, {}),
+            "seed": seed, "results-dir": str(results), "run-name": f"{strategy}-seed{seed}",
         }  # fmt: skip
         for key in ("data-dir", "cache-dir"):
             if config.get(key):
@@ -162,13 +167,14 @@ def _terminate(pid: int, group: bool = False) -> None:
         pass
 
 
-def write_report(results: Path, caption: str = "") -> str:
+def write_report(results: Path, caption: str = "", reference: str = "feddst") -> str:
     """REPORT.md (title, caption, plot, table) and curves.png in the experiment's results
     folder; returns the table."""
     runs = report.load_runs(results)
-    table = report.summary_table(runs)
+    table = f"{report.summary_table(runs, reference=reference)}\nOver seeds (mean ± std):\n\n{report.seed_table(runs)}"
     caption = f"{caption.strip()}\n\n" if caption.strip() else ""
-    (results / "REPORT.md").write_text(f"# {results.name}\n\n{caption}![curves](curves.png)\n\n{table}")
+    movement = "\n![mask movement](mask-movement.png)\n" if report.plot_mask_movement(runs, results / "mask-movement.png") else ""
+    (results / "REPORT.md").write_text(f"# {results.name}\n\n{caption}![curves](curves.png)\n\n{table}{movement}")
     report.plot(runs, results / "curves.png")
     return table
 
@@ -185,7 +191,7 @@ def main() -> None:
     results = ROOT / "results" / experiment.name
     if not only_report:
         run_experiment(experiment, results, flwr_run)
-    print(write_report(results, experiment.caption))
+    print(write_report(results, experiment.caption, experiment.reference))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,23 @@ class ClientUpdate:
     gradients: dict[str, torch.Tensor] | None = None
 
 
-def sparse_average(updates: list[ClientUpdate], min_votes: int = 1) -> tuple[dict[str, torch.Tensor], Masks]:
+@dataclass
+class Votes:
+    """Per masked layer, who kept each position: the number of clients, and their summed
+    num_examples (the weights of the average)."""
+
+    clients: dict[str, torch.Tensor]
+    weight: dict[str, torch.Tensor]
+
+
+def sparse_average(updates: list[ClientUpdate], min_votes: int = 1) -> tuple[dict[str, torch.Tensor], Votes]:
     """Average every tensor weighted by num_examples; a masked weight is averaged only over
     the clients that kept it, and is zero when fewer than min_votes clients kept it.
-    Returns the averaged state and, per masked layer, the positions that got enough votes."""
+    Returns the averaged state and the votes of every masked position."""
     if not updates:
         raise ValueError("sparse_average needs at least one client update")
     weights = [float(u.num_examples) for u in updates]
-    state, voted = {}, {}
+    state, votes = {}, Votes({}, {})
     for name in updates[0].state:
         stacked = torch.stack([u.state[name].double() for u in updates])
         if name not in updates[0].masks:
@@ -35,21 +44,24 @@ def sparse_average(updates: list[ClientUpdate], min_votes: int = 1) -> tuple[dic
             continue
         kept = torch.stack([u.masks[name] for u in updates])
         numerator = _weighted(stacked * kept, weights).sum(0)
-        denominator = _weighted(kept.double(), weights).sum(0)
-        voted[name] = kept.sum(0) >= min_votes
-        average = torch.where(voted[name], numerator / denominator.clamp_min(1e-300), torch.zeros_like(numerator))
-        state[name] = average.float()
-    return state, voted
+        votes.weight[name] = _weighted(kept.double(), weights).sum(0)
+        votes.clients[name] = kept.sum(0)
+        average = numerator / votes.weight[name].clamp_min(1e-300)
+        state[name] = torch.where(votes.clients[name] >= min_votes, average, torch.zeros_like(average)).float()
+    return state, votes
 
 
 def aggregate(
-    updates: list[ClientUpdate], counts: dict[str, int], min_votes: int = 1
-) -> tuple[dict[str, torch.Tensor], Masks]:
-    """theta^{r+1}, m^{r+1}: sparse average, then per-layer magnitude prune to the counts."""
-    state, voted = sparse_average(updates, min_votes)
-    masks = magnitude_prune(state, voted, counts)
+    updates: list[ClientUpdate], counts: dict[str, int], generator: torch.Generator, min_votes: int = 1
+) -> tuple[dict[str, torch.Tensor], Masks, Votes]:
+    """theta^{r+1}, m^{r+1}: sparse average, then per-layer magnitude prune to the counts
+    among the positions with at least min_votes clients; ties go to the larger
+    sample-weighted vote, then to a random key from `generator`. Also returns the votes."""
+    state, votes = sparse_average(updates, min_votes)
+    candidates = {name: clients >= min_votes for name, clients in votes.clients.items()}
+    masks = magnitude_prune(state, candidates, counts, generator, votes.weight)
     apply_masks(state, masks)
-    return state, masks
+    return state, masks, votes
 
 
 def _weighted(stacked: torch.Tensor, weights: list[float]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from .config import ExperimentConfig
 
-FORMAT = 1
+FORMAT = 2  # 2: the strategy state holds the initial mask (mask-drift)
 # Keys that may change between the interrupted run and its resumption.
 RESUMABLE_CHANGES = (
     "num_server_rounds", "resume", "checkpoint_every", "round_timeout", "data_dir", "cache_dir", "results_dir", "run_name",

@@ -14,8 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from .codec import CodecError, carries_mask, decode, encode, is_sparse, masks_from_record, masks_to_record, payload_bytes
 from .config import ExperimentConfig
 from .data import TensorData
-from .masks import Masks, hamming, maskable_names, prune_and_regrow, shapes_of
-from .training import dense_gradients, train
+from .masks import Masks, active, difference, maskable_names, seeded_generator, shapes_of
+from .training import Readjustment, dense_gradients, readjust_epoch, train
 
 MASK_STATE_KEY = "feddst-mask"  # Context.state: the global mask this node holds
 VERSION_STATE_KEY = "feddst-mask-version"
@@ -115,27 +115,30 @@ def client_round(
     config: ConfigRecord,
     cfg: ExperimentConfig,
     node_state: RecordDict,
+    partition_id: int,
 ) -> ClientResult:
-    """Run one training round on a node and build its reply."""
+    """Run one training round on a node and build its reply. The node's data order and
+    tie-breaking draw from (seed, round, partition-id): clients of one round differ."""
     state, masks = receive(model, arrays, config, node_state)
     model.load_state_dict(state)
 
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(config["server-round"]))
-    loss = train(
+    generator = seeded_generator(cfg.seed, int(config["server-round"]), partition_id)
+    alpha_r = float(config.get("readjust-alpha", 0.0))
+    readjust = (
+        Readjustment(alpha_r, readjust_epoch(cfg.readjust_at, cfg.local_epochs), cfg.grow_batches)
+        if masks is not None and alpha_r > 0
+        else None
+    )
+    local = train(
         model, data, masks,
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, proximal_mu=float(config.get("proximal-mu", 0.0)), generator=generator,
-    )
-    new_masks, changed = masks, 0
-    alpha_r = float(config.get("readjust-alpha", 0.0))
-    if masks is not None and alpha_r > 0:
-        grads = dense_gradients(model, data, list(masks), cfg.grow_batches, cfg.batch_size, generator)
-        params = {name: p.data for name, p in model.named_parameters()}
-        new_masks = prune_and_regrow(params, grads, masks, alpha_r)
-        changed = hamming(new_masks, masks)
+        readjust=readjust,
+    )  # fmt: skip
+    entered = active(difference(local.masks, masks)) if masks is not None else 0
 
     weights = model.state_dict()
-    reply = encode(weights, new_masks, changed > 0, cfg.value_dtype) if new_masks is not None else ArrayRecord(weights)
+    reply = encode(weights, local.masks, entered > 0, cfg.value_dtype) if masks is not None else ArrayRecord(weights)
     gradients = None
     if int(config.get("upload-gradients", 0)):  # PruneFL reconfiguration round
         names = maskable_names(model)
@@ -144,11 +147,10 @@ def client_round(
     metrics = MetricRecord(
         {
             "num-examples": len(data),
-            "train-loss": loss,
-            "mask-changed": changed,
+            "train-loss": local.loss,
+            "mask-entered": entered,
             "upload-bytes": payload_bytes(reply) + (payload_bytes(gradients) if gradients is not None else 0),
             "download-bytes": payload_bytes(arrays),
         }
     )
     return ClientResult(reply, metrics, gradients)
-

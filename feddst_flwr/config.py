@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from .aggregation import SERVER_OPTIMIZERS
 from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme
 from .models import MODELS
+from .training import READJUST_AT
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "feddst", "feddst-prox", "randommask", "prunefl")
 SPARSE_STRATEGIES = ("feddst", "feddst-prox", "randommask", "prunefl")
@@ -43,6 +44,7 @@ class ExperimentConfig:
     alpha: float
     delta_r: int
     r_end: int
+    readjust_at: str
     grow_batches: int
     min_votes: int
     min_fit_fraction: float
@@ -143,6 +145,7 @@ class ExperimentConfig:
             (0.0 <= self.alpha < 1.0, "alpha", "in [0, 1)"),
             (self.delta_r >= 1, "delta-r", ">= 1"),
             (self.r_end >= 0, "r-end", ">= 0 (0: half the rounds)"),
+            (self.readjust_at in READJUST_AT, "readjust-at", f"one of {READJUST_AT}"),
             (self.grow_batches >= 1, "grow-batches", ">= 1"),
             (self.min_votes >= 1, "min-votes", ">= 1"),
             (0.0 <= self.min_fit_fraction <= 1.0, "min-fit-fraction", "in [0, 1]"),

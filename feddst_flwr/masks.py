@@ -4,6 +4,7 @@ the readjustment schedule (Algorithm 1, steps 1 and 4) and the server's re-prune
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 from torch import nn
@@ -76,54 +77,73 @@ def layer_counts(shapes: Shapes, sparsity: float, distribution: str = "erk") -> 
 def random_masks(shapes: Shapes, counts: dict[str, int], seed: int) -> Masks:
     """Uniformly random masks with exactly counts[name] active weights per layer."""
     generator = torch.Generator().manual_seed(seed)
-    masks = {}
-    for name, shape in shapes.items():
-        order = torch.randperm(math.prod(shape), generator=generator)
-        flat = torch.zeros(math.prod(shape), dtype=torch.bool)
-        flat[order[: counts[name]]] = True
-        masks[name] = flat.view(shape)
-    return masks
+    return {name: top_k_mask(torch.zeros(shape), counts[name], generator) for name, shape in shapes.items()}
 
 
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest scores; ties go to the lower flat index (deterministic)."""
-    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+def seeded_generator(*keys: int | str) -> torch.Generator:
+    """A torch generator seeded from several keys (e.g. run seed, round, partition id),
+    mixed by SHA-512 so that nearby keys give unrelated streams."""
+    return torch.Generator().manual_seed(random.Random(":".join(map(str, keys))).getrandbits(63))
+
+
+def top_k_mask(
+    scores: torch.Tensor, k: int, generator: torch.Generator, votes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool mask of the k largest scores. Ties go to more votes (when given), then to a
+    random key drawn from `generator`: never to a position's index."""
+    order = torch.randperm(scores.numel(), generator=generator)  # the random key
+    for key in (votes, scores):  # stable sorts, least significant key first
+        if key is not None:
+            order = order[torch.argsort(key.flatten()[order], descending=True, stable=True)]
     flat = torch.zeros(scores.numel(), dtype=torch.bool)
     flat[order[:k]] = True
     return flat.view(scores.shape)
 
 
 def magnitude_prune(
-    weights: dict[str, torch.Tensor], candidates: Masks | None, counts: dict[str, int]
+    weights: dict[str, torch.Tensor],
+    candidates: Masks | None,
+    counts: dict[str, int],
+    generator: torch.Generator,
+    votes: dict[str, torch.Tensor] | None = None,
 ) -> Masks:
     """Per layer, keep the counts[name] largest-magnitude weights among the candidates
-    (None: every position); if fewer candidates exist, the rest is filled with
-    non-candidates (value zero) so every layer keeps its count exactly."""
+    (None: every position), ties broken by votes, then randomly (`top_k_mask`); if fewer
+    candidates exist, the rest is filled with non-candidates (value zero) so every layer
+    keeps its count exactly."""
     masks = {}
     for name, count in counts.items():
         scores = weights[name].abs().float()
         if candidates is not None:
             scores = torch.where(candidates[name], scores, torch.tensor(-1.0))
-        masks[name] = top_k_mask(scores, count)
+        masks[name] = top_k_mask(scores, count, generator, votes[name] if votes is not None else None)
     return masks
 
 
 def prune_and_regrow(
-    weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], masks: Masks, alpha_r: float
+    weights: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    masks: Masks,
+    alpha_r: float,
+    generator: torch.Generator,
 ) -> Masks:
     """Client readjustment: per layer, drop round(alpha_r * active) smallest-magnitude
-    active weights, then grow as many inactive positions with the largest dense-gradient
-    magnitude. Zeroes dropped and regrown weights in place; returns the new masks."""
+    active weights, then grow as many positions outside the kept ones with the largest
+    dense-gradient magnitude (a just-dropped weight may come back and keeps its value);
+    ties are broken randomly by `generator`. Dropped weights and newly grown ones are
+    zeroed in place. Dense layers (every position active) are left alone."""
     new_masks = {}
     for name, mask in masks.items():
         active = int(mask.sum())
         k = round(alpha_r * active)
-        kept = top_k_mask(torch.where(mask, weights[name].abs().float(), torch.tensor(-1.0)), active - k)
+        if k == 0 or active == mask.numel():
+            new_masks[name] = mask.clone()
+            continue
+        kept = top_k_mask(torch.where(mask, weights[name].abs().float(), torch.tensor(-1.0)), active - k, generator)
         grow_scores = torch.where(kept, torch.tensor(-1.0), grads[name].abs().float())
-        grown = top_k_mask(grow_scores, k)
-        new_masks[name] = kept | grown
+        new_masks[name] = kept | top_k_mask(grow_scores, k, generator)
         with torch.no_grad():
-            weights[name].mul_(kept)
+            weights[name].mul_(new_masks[name] & mask)
     return new_masks
 
 
@@ -147,6 +167,22 @@ def hamming(a: Masks, b: Masks) -> int:
     return sum(int((a[name] ^ b[name]).sum()) for name in a)
 
 
+def difference(a: Masks, b: Masks) -> Masks:
+    """Per layer, the positions active in `a` but not in `b` (entered: new minus old)."""
+    return {name: a[name] & ~b[name] for name in a}
+
+
+def active(masks: Masks) -> int:
+    """Number of active positions over all layers."""
+    return sum(int(mask.sum()) for mask in masks.values())
+
+
+def units(masks: Masks) -> int:
+    """Distinct output units (rows of a linear weight, output channels of a conv) that hold
+    at least one active position, summed over layers."""
+    return sum(int(mask.reshape(mask.shape[0], -1).any(1).sum()) for mask in masks.values())
+
+
 def densities(masks: Masks) -> dict[str, float]:
     """Fraction of active weights per layer."""
     return {name: float(mask.float().mean()) for name, mask in masks.items()}
@@ -154,7 +190,7 @@ def densities(masks: Masks) -> dict[str, float]:
 
 def total_density(masks: Masks) -> float:
     """Fraction of active weights over all maskable weights."""
-    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    return active(masks) / sum(m.numel() for m in masks.values())
 
 
 def shapes_of(state: dict[str, torch.Tensor], names: list[str]) -> Shapes:

@@ -131,8 +131,11 @@ class RoundRecorder:
             "density": total_density(masks),
             "layer-density": densities(masks),
             "mask-version": stats.mask_version,
-            "mask-changed": stats.mask_changed,
             "readjust-alpha": stats.readjust_alpha,
+            "mask-entered": stats.mask_entered,
+            "mask-entered-units": stats.mask_entered_units,
+            "mask-drift": stats.mask_drift,
+            "mask-votes": stats.mask_votes,
             "masks-sent": stats.masks_sent,
             "rejected": len(stats.failures),
             "skipped": int(stats.skipped),
@@ -146,7 +149,12 @@ class RoundRecorder:
             if "test-accuracy" in r
             else "acc -"
         )
-        mask = f" | mask v{r['mask-version']} changed {r['mask-changed']}" if "mask-version" in r else ""
+        mask = (
+            f" | mask v{r['mask-version']} entered {r['mask-entered']} ({r['mask-entered-units']} units)"
+            f" drift {r['mask-drift']:.3f}"
+            if "mask-version" in r
+            else ""
+        )
         return (
             f"[round {r['round']}/{self.cfg.num_server_rounds}] {accuracy} | up {r['upload-bytes'] / 1024:.1f} KiB"
             f" (cum {r['cum-upload-bytes'] / 2**20:.2f} MiB) down {r['download-bytes'] / 1024:.1f} KiB"

@@ -105,6 +105,67 @@ def gap_lines(runs: dict[str, list[Run]], cap: float, metric: str, reference: st
     ]
 
 
+def last_mean(run: Run, metric: str = METRIC, evaluations: int = 10) -> float:
+    """The metric averaged over the run's last `evaluations` evaluated rounds."""
+    return float(np.mean(run.curve(metric)[1][-evaluations:]))
+
+
+def seed_table(runs: dict[str, list[Run]], metric: str = METRIC) -> str:
+    """Markdown table over seeds (mean +- std, population std): the metric at the final
+    round and averaged over the last 10 evaluations, and the mask's movement."""
+    lines = [
+        f"| strategy | seeds | final {metric} | mean of last 10 evaluations | entered per readjust round | drift at the end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for strategy, seeds in runs.items():
+        entered = [entered_per_readjust(run) for run in seeds]
+        movement = (
+            f"{'/'.join(f'{v:.0f}' for v in np.mean(entered, axis=0))} | {_pm([run.records[-1]['mask-drift'] for run in seeds], 3)}"
+            if "mask-drift" in seeds[0].records[-1]
+            else "- | -"
+        )
+        lines.append(
+            f"| {strategy} | {len(seeds)} | {_pm([_last(run, metric) for run in seeds])} "
+            f"| {_pm([last_mean(run, metric) for run in seeds])} | {movement} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def entered_per_readjust(run: Run) -> list[int]:
+    """mask-entered on every readjust round (readjust-alpha > 0)."""
+    return [r["mask-entered"] for r in run.records if r.get("readjust-alpha", 0) > 0]
+
+
+def plot_mask_movement(runs: dict[str, list[Run]], path: Path) -> bool:
+    """Positions entering the global mask per readjust round, and the drift from the
+    initial mask over rounds, mean over seeds; False (no file) without mask records."""
+    moving = {s: seeds for s, seeds in runs.items() if "mask-entered" in seeds[0].records[-1]}
+    if not moving:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_readjust, by_round) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for strategy, seeds in moving.items():
+        readjust_rounds = [r["round"] for r in seeds[0].records if r.get("readjust-alpha", 0) > 0]
+        if readjust_rounds:
+            entered = np.asarray([entered_per_readjust(run) for run in seeds], dtype=np.float64)
+            by_readjust.plot(readjust_rounds, entered.mean(axis=0), marker="o", label=f"{strategy} (n={len(seeds)})")
+        rounds = np.asarray([r["round"] for r in seeds[0].records])
+        _band(by_round, rounds, np.stack([[r["mask-drift"] for r in run.records] for run in seeds]), strategy)
+    by_readjust.set(xlabel="readjust round", ylabel="positions entering the global mask", yscale="symlog")
+    by_round.set(xlabel="round", ylabel="mask drift (share of the initial mask gone)")
+    for axis in (by_readjust, by_round):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot(runs: dict[str, list[Run]], path: Path, metric: str = METRIC) -> None:
     """Metric vs cumulative upload (GiB) and vs round: mean over seeds, min-max band."""
     import matplotlib
@@ -139,6 +200,11 @@ def _band(axis, x: np.ndarray, values: np.ndarray, label: str) -> None:
 
 def _last(run: Run, metric: str) -> float:
     return run.curve(metric)[1][-1]
+
+
+def _pm(values: list[float], digits: int = 4) -> str:
+    """mean +- std (population) of values."""
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def _fmt(value: float, signed: bool = False) -> str:

@@ -16,12 +16,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
-from .aggregation import ClientUpdate, ServerOptimizer, aggregate
+from .aggregation import ClientUpdate, ServerOptimizer, Votes, aggregate
 from .checkpoint import Checkpoint
 from .client import GRADIENTS_KEY
 from .codec import CodecError, decode, decode_dense, encode
 from .config import ExperimentConfig
-from .masks import Masks, apply_masks, hamming, layer_counts, magnitude_prune, random_masks, readjust_alpha, shapes_of
+from .masks import (
+    Masks, active, apply_masks, difference, hamming, layer_counts, magnitude_prune, random_masks, readjust_alpha,
+    seeded_generator, shapes_of, units,
+)
 
 
 @dataclass
@@ -29,8 +32,11 @@ class RoundStats:
     """What the last aggregation did to the global mask."""
 
     mask_version: int = 0
-    mask_changed: int = 0  # Hamming distance between the old and the new global mask
     readjust_alpha: float = 0.0
+    mask_entered: int = 0  # positions that entered the global mask (a swap counts once)
+    mask_entered_units: int = 0  # distinct output units (rows / output channels) they fall in
+    mask_drift: float = 0.0  # fraction of the initial mask's positions no longer in the mask
+    mask_votes: list[int] = field(default_factory=list)  # entering positions with 0, 1, 2, ... client votes
     masks_sent: int = 0  # nodes that got the bitmask in this round's download
     failures: list[str] = field(default_factory=list)  # "node N: reason" per rejected or missing reply
     skipped: bool = False  # too few valid replies: the global model and mask were kept
@@ -72,7 +78,8 @@ class FedDST(Strategy):
     value_dtype : str (default: "float32")
         Wire dtype of the sparse values ("float32" or "float16").
     seed : int (default: 0)
-        Seeds the initial mask and the node sampling.
+        Seeds the initial mask, the node sampling, and the random key that breaks ties
+        (after votes) in the re-prune.
     server_optimizer : ServerOptimizer | None (default: None)
         FedOpt step on the aggregated sparse pseudo-gradient; None: plain FedDST.
     """
@@ -125,6 +132,7 @@ class FedDST(Strategy):
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.counts: dict[str, int] = {}
         self.masks: Masks = {}
+        self.initial_masks: Masks = {}  # the round-1 mask, for mask-drift
         self.mask_version = 0
         self.delivered: dict[int, int] = {}  # node id -> mask version it holds
         self.sampled: list[int] = []  # this round's nodes
@@ -147,7 +155,7 @@ class FedDST(Strategy):
         self.shapes = shapes_of(state, list(state))
         maskable_shapes = shapes_of(state, self.maskable)
         self.counts = layer_counts(maskable_shapes, self.sparsity, self.distribution)
-        self.masks = random_masks(maskable_shapes, self.counts, self.seed)
+        self.masks = self.initial_masks = random_masks(maskable_shapes, self.counts, self.seed)
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
@@ -201,6 +209,7 @@ class FedDST(Strategy):
         describe the nodes' memory of this run, which a restarted run does not have."""
         return {
             "masks": self.masks,
+            "initial_masks": self.initial_masks,
             "mask_version": self.mask_version,
             "rng": self.rng.getstate(),
             "optimizer": {"m": self.server_optimizer.m, "v": self.server_optimizer.v},
@@ -211,7 +220,7 @@ class FedDST(Strategy):
         shapes, mask_shapes = shapes_of(arrays, list(arrays)), shapes_of(state["masks"], list(state["masks"]))
         if shapes != self.shapes or mask_shapes != {name: self.shapes[name] for name in self.maskable}:
             raise ValueError(f"checkpointed model {shapes} or masks {mask_shapes} do not match the model {self.shapes}")
-        self.masks, self.mask_version = state["masks"], state["mask_version"]
+        self.masks, self.initial_masks, self.mask_version = state["masks"], state["initial_masks"], state["mask_version"]
         self.rng.setstate(state["rng"])
         self.server_optimizer.m, self.server_optimizer.v = state["optimizer"]["m"], state["optimizer"]["v"]
         return ArrayRecord(arrays)
@@ -230,7 +239,7 @@ class FedDST(Strategy):
         do not hold the current mask version."""
         state = self.global_state = arrays.to_torch_state_dict()
         alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.r_end)
-        self.stats = RoundStats(mask_version=self.mask_version, readjust_alpha=alpha_r)
+        self.stats = RoundStats(mask_version=self.mask_version, readjust_alpha=alpha_r, mask_drift=self.drift(self.masks))
         config = ConfigRecord(
             {
                 **config,
@@ -281,16 +290,30 @@ class FedDST(Strategy):
             log(WARNING, "aggregate_train: round %d skipped, %d of %d sampled nodes replied validly (min-fit-fraction %.2f)",
                 server_round, len(updates), len(self.sampled), self.min_fit_fraction)
             return None, None
-        state, masks = aggregate(updates, self.counts, self.min_votes)
-        masks = self.reconfigure(updates, masks)
+        generator = seeded_generator(self.seed, "re-prune", server_round)
+        state, masks, votes = aggregate(updates, self.counts, generator, self.min_votes)
+        masks = self.reconfigure(updates, masks, generator)
         apply_masks(state, masks)
         state = self.server_optimizer.step(self.global_state, state, masks)
-        self.stats.mask_changed = hamming(masks, self.masks)
-        if self.stats.mask_changed:
-            self.mask_version += 1
-        self.stats.mask_version = self.mask_version
+        self.record_movement(masks, votes, len(updates))
         self.masks = masks
         return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)
+
+    def record_movement(self, masks: Masks, votes: Votes, num_updates: int) -> None:
+        """Mask statistics of this round's new global mask; a changed mask gets a new version."""
+        entered = difference(masks, self.masks)
+        self.stats.mask_entered = active(entered)
+        self.stats.mask_entered_units = units(entered)
+        self.stats.mask_drift = self.drift(masks)
+        if self.stats.mask_entered:
+            held = torch.cat([votes.clients[name][mask] for name, mask in entered.items()])
+            self.stats.mask_votes = torch.bincount(held, minlength=num_updates + 1).tolist()
+            self.mask_version += 1
+        self.stats.mask_version = self.mask_version
+
+    def drift(self, masks: Masks) -> float:
+        """Fraction of the initial mask's positions that are not in `masks`."""
+        return active(difference(self.initial_masks, masks)) / max(active(self.initial_masks), 1)
 
     def _fail(self, node_id: int, reason: str) -> None:
         """Count a failure; the node gets the mask again next time (its state is unknown)."""
@@ -298,7 +321,7 @@ class FedDST(Strategy):
         self.stats.failures.append(f"node {node_id}: {reason}")
         log(WARNING, "aggregate_train: rejected node %d: %s", node_id, reason)
 
-    def reconfigure(self, updates: list[ClientUpdate], masks: Masks) -> Masks:
+    def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
         """The next global mask after aggregation: FedDST keeps the re-pruned one."""
         return masks
 
@@ -364,7 +387,7 @@ class PruneFL(FedDST):
         if reply.has_error():
             raise RuntimeError(f"PruneFL's initial pruning failed on node {nodes[0]}: {reply.error.reason}")
         state = decode(reply.content.array_records[self.arrayrecord_key], self.shapes, [], None).state
-        self.masks = magnitude_prune(state, None, self.counts)
+        self.masks = self.initial_masks = magnitude_prune(state, None, self.counts, seeded_generator(self.seed, "prunefl"))
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
@@ -376,7 +399,7 @@ class PruneFL(FedDST):
         config = ConfigRecord({**config, "upload-gradients": int(self.asks_gradients)})
         return super().configure_train(server_round, arrays, config, grid)
 
-    def reconfigure(self, updates: list[ClientUpdate], masks: Masks) -> Masks:
+    def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
         """On reconfiguration rounds, the top importance sum(n_c g_c^2) / sum(n_c) per layer."""
         reporting = [u for u in updates if u.gradients is not None]
         if not reporting:
@@ -385,7 +408,7 @@ class PruneFL(FedDST):
         importance = {
             name: sum(u.num_examples * u.gradients[name] for u in reporting) / total for name in masks
         }
-        return magnitude_prune(importance, None, self.counts)
+        return magnitude_prune(importance, None, self.counts, generator)
 
     def expected_records(self) -> set[str]:
         """The sparse weights, plus the dense gradients on reconfiguration rounds."""

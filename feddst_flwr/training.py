@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TensorData
-from .masks import Masks, apply_masks
+from .masks import Masks, apply_masks, prune_and_regrow
 
 
 def batches(data: TensorData, batch_size: int, generator: torch.Generator | None):
@@ -20,6 +20,37 @@ def batches(data: TensorData, batch_size: int, generator: torch.Generator | None
     for start in range(0, len(data), batch_size):
         index = order[start : start + batch_size]
         yield data.x[index], data.y[index]
+
+
+READJUST_AT = ("end", "last-epoch", "mid")
+
+
+def readjust_epoch(readjust_at: str, epochs: int) -> int:
+    """Local epochs trained before the readjustment: `end` after the last one (the paper:
+    regrown weights are uploaded at zero), `last-epoch` before the last one, `mid` after
+    E // 2 (regrown weights train one, or E - E // 2, epochs before upload)."""
+    if readjust_at not in READJUST_AT:
+        raise ValueError(f"readjust-at '{readjust_at}' not in {READJUST_AT}")
+    return {"end": epochs, "last-epoch": epochs - 1, "mid": epochs // 2}[readjust_at]
+
+
+@dataclass
+class Readjustment:
+    """Prune-and-regrow within local training (Algorithm 1, step 4): after `after_epoch`
+    epochs, drop a fraction alpha_r of each layer's weights and regrow as many by the
+    dense gradient summed over `grow_batches` minibatches."""
+
+    alpha_r: float
+    after_epoch: int
+    grow_batches: int = 1
+
+
+@dataclass
+class LocalTraining:
+    """Mean task loss over all steps, and the masks the model ends with."""
+
+    loss: float
+    masks: Masks | None
 
 
 def train(
@@ -34,18 +65,24 @@ def train(
     weight_decay: float,
     proximal_mu: float,
     generator: torch.Generator,
-) -> float:
+    readjust: Readjustment | None = None,
+) -> LocalTraining:
     """E epochs of SGD; with masks, pruned weights get no gradient and are re-zeroed after
-    every step, so neither gradients, momentum nor weight decay revive them.
-    Returns the mean task loss over all steps."""
+    every step, so neither gradients, momentum nor weight decay revive them. With
+    `readjust`, the masks are readjusted once, after readjust.after_epoch epochs (epochs:
+    after the last one); training goes on with the new masks and one optimizer."""
     masks = masks or {}
     params = dict(model.named_parameters())
     apply_masks({name: params[name].data for name in masks}, masks)
     global_params = {name: p.detach().clone() for name, p in params.items()} if proximal_mu > 0 else {}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    model.train()
     total, steps = 0.0, 0
-    for _ in range(epochs):
+    for epoch in range(epochs + 1):
+        if readjust is not None and masks and epoch == readjust.after_epoch:
+            masks = _readjusted(model, data, masks, readjust, batch_size, generator, optimizer)
+        if epoch == epochs:
+            break
+        model.train()
         for x, y in batches(data, batch_size, generator):
             optimizer.zero_grad()
             task_loss = F.cross_entropy(model(x), y)
@@ -59,7 +96,27 @@ def train(
             apply_masks({name: params[name].data for name in masks}, masks)
             total += task_loss.item()
             steps += 1
-    return total / max(steps, 1)
+    return LocalTraining(total / max(steps, 1), masks or None)
+
+
+def _readjusted(
+    model: nn.Module,
+    data: TensorData,
+    masks: Masks,
+    readjust: Readjustment,
+    batch_size: int,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+) -> Masks:
+    """Prune and regrow the model's weights in place; dropped weights lose their momentum."""
+    grads = dense_gradients(model, data, list(masks), readjust.grow_batches, batch_size, generator)
+    params = dict(model.named_parameters())
+    new_masks = prune_and_regrow({name: params[name].data for name in masks}, grads, masks, readjust.alpha_r, generator)
+    for name, mask in new_masks.items():
+        buffer = optimizer.state.get(params[name], {}).get("momentum_buffer")
+        if buffer is not None:
+            buffer.mul_(mask)
+    return new_masks
 
 
 def dense_gradients(

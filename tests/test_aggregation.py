@@ -76,9 +76,10 @@ def test_two_clients_weighted_by_samples():
 
 
 def test_sparse_average_only_counts_clients_that_kept_a_weight():
-    state, voted = sparse_average(three_clients())
+    state, votes = sparse_average(three_clients())
     assert flat(state["w"]) == pytest.approx(AVERAGED_W, rel=1e-6)
-    assert positions(voted["w"]) == [0, 1, 3, 4, 5]
+    assert flat(votes.clients["w"]) == [2, 3, 0, 1, 1, 2]
+    assert flat(votes.weight["w"]) == [40, 100, 0, 60, 30, 70]  # their summed num_examples
 
 
 def test_pruned_positions_do_not_vote_even_with_stale_values():
@@ -87,44 +88,42 @@ def test_pruned_positions_do_not_vote_even_with_stale_values():
 
 
 def test_weight_nobody_kept_is_zero():
-    state, voted = sparse_average(three_clients(stale=100.0))
+    state, votes = sparse_average(three_clients(stale=100.0))
     assert state["w"].flatten()[2].item() == 0.0
-    assert not voted["w"].flatten()[2]
+    assert votes.clients["w"].flatten()[2] == 0
 
 
 def test_dense_tensors_weighted_over_all_clients():
-    state, voted = sparse_average(three_clients())
+    state, votes = sparse_average(three_clients())
     assert flat(state["b"]) == pytest.approx(AVERAGED_B, rel=1e-6)
-    assert "b" not in voted
+    assert "b" not in votes.clients and "b" not in votes.weight
 
 
 def test_outputs_are_float32_with_original_shapes():
-    state, voted = sparse_average(three_clients())
+    state, votes = sparse_average(three_clients())
     assert state["w"].dtype == torch.float32 and tuple(state["w"].shape) == SHAPE
     assert state["b"].dtype == torch.float32 and tuple(state["b"].shape) == (2,)
-    assert voted["w"].dtype == torch.bool and tuple(voted["w"].shape) == SHAPE
+    assert tuple(votes.clients["w"].shape) == tuple(votes.weight["w"].shape) == SHAPE
 
 
 def test_min_votes_zeroes_weights_kept_by_too_few_clients():
-    state, voted = sparse_average(three_clients(), min_votes=2)
+    state, _ = sparse_average(three_clients(), min_votes=2)
     # positions 3 (C only) and 4 (B only) lose; 0, 1 and 5 keep their averages
     assert flat(state["w"]) == pytest.approx([1.75, 1.4, 0.0, 0.0, 0.0, 125 / 70], rel=1e-6)
-    assert positions(voted["w"]) == [0, 1, 5]
     assert flat(state["b"]) == pytest.approx(AVERAGED_B, rel=1e-6)  # dense: no votes
 
 
 def test_min_votes_three_needs_every_client():
-    state, voted = sparse_average(three_clients(), min_votes=3)
-    assert positions(voted["w"]) == [1]
+    state, _ = sparse_average(three_clients(), min_votes=3)
     assert flat(state["w"]) == pytest.approx([0.0, 1.4, 0.0, 0.0, 0.0, 0.0], rel=1e-6)
 
 
 def test_single_client_is_returned_unchanged():
     update = three_clients()[2]
-    state, voted = sparse_average([update])
+    state, votes = sparse_average([update])
     assert torch.equal(state["w"], update.state["w"])
     assert torch.equal(state["b"], update.state["b"])
-    assert torch.equal(voted["w"], update.masks["w"])
+    assert torch.equal(votes.clients["w"] == 1, update.masks["w"])
 
 
 def test_no_updates_is_an_error():
@@ -135,17 +134,22 @@ def test_no_updates_is_an_error():
 # --------------------------------------------------------------------------- aggregate (re-prune)
 
 
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def test_aggregate_reprunes_to_count_by_magnitude():
     # |averages| at voted positions: 3: 4.0, 5: 1.786, 0: 1.75, 1: 1.4, 4: 0.25
-    state, masks = aggregate(three_clients(), {"w": 3})
+    state, masks, votes = aggregate(three_clients(), {"w": 3}, gen())
     assert positions(masks["w"]) == [0, 3, 5]
     assert flat(state["w"]) == pytest.approx([1.75, 0.0, 0.0, -4.0, 0.0, 125 / 70], rel=1e-6)
     assert flat(state["b"]) == pytest.approx(AVERAGED_B, rel=1e-6)
+    assert flat(votes.clients["w"]) == [2, 3, 0, 1, 1, 2]
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 3, 4, 5])
 def test_aggregate_keeps_exact_count_and_zeroes_the_rest(count):
-    state, masks = aggregate(three_clients(), {"w": count})
+    state, masks, _ = aggregate(three_clients(), {"w": count}, gen())
     assert int(masks["w"].sum()) == count
     assert (state["w"][~masks["w"]] == 0).all()
     kept = sorted(abs(v) for v in state["w"][masks["w"]].tolist())
@@ -154,12 +158,40 @@ def test_aggregate_keeps_exact_count_and_zeroes_the_rest(count):
 
 
 def test_aggregate_fills_count_when_too_few_weights_got_votes():
-    # only 0, 1 and 5 get two votes; a fourth slot comes from the zero positions
-    state, masks = aggregate(three_clients(), {"w": 4}, min_votes=2)
-    assert int(masks["w"].sum()) == 4
-    assert masks["w"].flatten()[[0, 1, 5]].all()
-    assert positions(masks["w"]) == [0, 1, 2, 5]  # fill by lowest index
+    # only 0, 1 and 5 get two votes; a fourth slot comes from the zero positions 2, 3, 4,
+    # where 3 (C, n = 60) and 4 (B, n = 30) hold one vote each: the heavier vote, 3, wins
+    state, masks, _ = aggregate(three_clients(), {"w": 4}, gen(), min_votes=2)
+    assert positions(masks["w"]) == [0, 1, 3, 5]
     assert flat(state["w"]) == pytest.approx([1.75, 1.4, 0.0, 0.0, 0.0, 125 / 70], rel=1e-6)
+
+
+def regrown_at_zero() -> list[ClientUpdate]:
+    """Four clients share positions 0 and 1; each regrew new positions at value zero (the
+    paper's upload): 2 by A (n=10), 4 by A and B (n=10+10), 5 by C (n=50), 3 by nobody."""
+    return [
+        client([1.0, 2.0, 0.0, NAN, 0.0, NAN], [0.0, 0.0], 10),
+        client([1.0, 2.0, NAN, NAN, 0.0, NAN], [0.0, 0.0], 10),
+        client([1.0, 2.0, NAN, NAN, NAN, 0.0], [0.0, 0.0], 50),
+        client([1.0, 2.0, NAN, NAN, NAN, NAN], [0.0, 0.0], 10),
+    ]
+
+
+def test_reprune_ranks_zero_valued_regrowth_by_sample_weighted_votes_not_index():
+    """Index order (2, 4, 5) and vote order (5: 50, 4: 20, 2: 10) disagree: votes win."""
+    for seed in range(5):
+        _, masks, _ = aggregate(regrown_at_zero(), {"w": 3}, gen(seed))
+        assert positions(masks["w"]) == [0, 1, 5]
+        _, masks, _ = aggregate(regrown_at_zero(), {"w": 4}, gen(seed))
+        assert positions(masks["w"]) == [0, 1, 4, 5]
+
+
+def test_reprune_breaks_equal_votes_by_seed():
+    """Positions 2, 3, 4, 5 regrown at zero by one client each, all n = 10: the seed decides."""
+    updates = [client([1.0] + [NAN] * 5, [0.0, 0.0], 10)] + [
+        client([1.0] + [0.0 if i == j else NAN for i in range(1, 6)], [0.0, 0.0], 10) for j in range(2, 6)
+    ]
+    picks = {tuple(positions(aggregate(updates, {"w": 2}, gen(seed))[1]["w"])) for seed in range(20)}
+    assert picks == {(0, 2), (0, 3), (0, 4), (0, 5)}
 
 
 # --------------------------------------------------------------------------- server optimizer

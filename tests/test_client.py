@@ -17,6 +17,7 @@ from feddst_flwr.client import MissingMaskError, client_round, held_masks, injec
 from feddst_flwr.codec import DENSE_STYPE, CodecError, carries_mask, decode, encode, is_sparse, payload_bytes
 from feddst_flwr.masks import apply_masks, hamming, maskable_names
 from feddst_flwr.models import DigitsCNN
+from feddst_flwr.training import LocalTraining
 
 WIDTH = 8  # a narrow DigitsCNN keeps local training fast
 
@@ -64,7 +65,7 @@ def spy(monkeypatch):
 
     def fake_train(model, data, masks, **options):
         calls.append({"state": copy.deepcopy(model.state_dict()), "masks": masks, **options})
-        return 0.0
+        return LocalTraining(0.0, masks)
 
     monkeypatch.setattr(client_module, "train", fake_train)
     return calls
@@ -75,7 +76,7 @@ def spy(monkeypatch):
 
 def test_sparse_round_without_readjust_replies_values_only(server, make_cfg, data):
     request = server.payload(send_mask=True)
-    result = client_round(new_model(), data, request, round_config(), make_cfg(), RecordDict())
+    result = client_round(new_model(), data, request, round_config(), make_cfg(), RecordDict(), 0)
 
     assert is_sparse(result.arrays) and not carries_mask(result.arrays)
     decoded = server.decode(result.arrays)
@@ -91,30 +92,51 @@ def test_sparse_round_without_readjust_replies_values_only(server, make_cfg, dat
     assert metrics["download-bytes"] == payload_bytes(request)
     assert metrics["upload-bytes"] < metrics["download-bytes"]  # the request carried the bitmask
     assert metrics["num-examples"] == len(data)
-    assert metrics["mask-changed"] == 0
+    assert metrics["mask-entered"] == 0
 
 
-def test_readjust_round_returns_new_mask_with_erk_counts(server, make_cfg, data):
+@pytest.mark.parametrize("readjust_at", ["end", "last-epoch", "mid"])
+def test_readjust_round_returns_new_mask_with_erk_counts(server, make_cfg, data, readjust_at):
     node_state = RecordDict()
     config = round_config(server_round=5, version=0, alpha=0.2)
-    result = client_round(new_model(), data, server.payload(True), config, make_cfg(), node_state)
+    cfg = make_cfg(readjust_at=readjust_at, local_epochs=2)
+    result = client_round(new_model(), data, server.payload(True), config, cfg, node_state, 0)
 
     assert carries_mask(result.arrays)
     decoded = server.decode(result.arrays, held=False)
     assert decoded.mask_sent
-    changed = hamming(server.masks, decoded.masks)
-    assert result.metrics["mask-changed"] == changed > 0
+    entered = sum(int((decoded.masks[n] & ~server.masks[n]).sum()) for n in server.masks)
+    assert result.metrics["mask-entered"] == entered > 0
     for name, new_mask in decoded.masks.items():
         old_mask = server.masks[name]
         assert int(new_mask.sum()) == server.counts[name], name
-        # per layer round(0.2 * active) drop and as many grow: at most 2k positions differ
-        assert int((new_mask ^ old_mask).sum()) <= 2 * round(0.2 * server.counts[name]), name
-        assert torch.count_nonzero(decoded.state[name][new_mask & ~old_mask]) == 0, name  # regrown at zero
+        # per layer round(0.2 * active) drop and as many grow: at most k positions enter
+        assert int((new_mask & ~old_mask).sum()) <= round(0.2 * server.counts[name]), name
         assert torch.count_nonzero(decoded.state[name][~new_mask]) == 0, name
+        regrown = decoded.state[name][new_mask & ~old_mask]
+        if readjust_at == "end":  # the paper: regrown weights are uploaded at zero
+            assert torch.count_nonzero(regrown) == 0, name
+        elif regrown.numel():  # trained for an epoch before upload
+            assert torch.count_nonzero(regrown) == regrown.numel(), name
+        if old_mask.all():  # a layer ERK keeps dense: never pruned, nothing zeroed
+            assert new_mask.all() and torch.count_nonzero(decoded.state[name]) == old_mask.numel(), name
+    assert any(server.masks[n].all() for n in server.masks)  # the case above was exercised
     assert result.metrics["upload-bytes"] == payload_bytes(result.arrays)
     # the node keeps the server's mask of this version, not its local readjustment
     held = held_masks(node_state, 0, server.shapes())
     assert all(torch.equal(held[name], server.masks[name]) for name in server.masks)
+
+
+def test_clients_of_one_round_shuffle_differently(server, make_cfg, data, spy):
+    """Same round, same partition size: the data order depends on the partition id."""
+    orders = {}
+    for partition_id in (0, 1, 0):
+        client_round(new_model(), data, server.payload(True), round_config(3), make_cfg(), RecordDict(), partition_id)
+        order = torch.randperm(len(data), generator=spy[-1]["generator"]).tolist()
+        assert orders.setdefault(partition_id, order) == order  # reproducible
+    assert orders[0] != orders[1]
+    client_round(new_model(), data, server.payload(True), round_config(4), make_cfg(), RecordDict(), 0)
+    assert torch.randperm(len(data), generator=spy[-1]["generator"]).tolist() != orders[0]  # and on the round
 
 
 # --------------------------------------------------------------------------- mask versions on the node
@@ -124,7 +146,7 @@ def test_first_bitmask_is_stored_with_its_version(server, make_cfg, data, spy):
     node_state = RecordDict()
     assert held_masks(node_state, 3, server.shapes()) is None
 
-    client_round(new_model(), data, server.payload(True), round_config(version=3), make_cfg(), node_state)
+    client_round(new_model(), data, server.payload(True), round_config(version=3), make_cfg(), node_state, 0)
 
     held = held_masks(node_state, 3, server.shapes())
     assert held is not None and set(held) == set(server.masks)
@@ -136,9 +158,9 @@ def test_first_bitmask_is_stored_with_its_version(server, make_cfg, data, spy):
 def test_same_version_without_bitmask_decodes_with_held_mask(server, make_cfg, data, spy):
     node_state = RecordDict()
     cfg = make_cfg()
-    client_round(new_model(), data, server.payload(True), round_config(1, version=3), cfg, node_state)
+    client_round(new_model(), data, server.payload(True), round_config(1, version=3), cfg, node_state, 0)
     request = server.payload(False)
-    result = client_round(new_model(), data, request, round_config(2, version=3), cfg, node_state)
+    result = client_round(new_model(), data, request, round_config(2, version=3), cfg, node_state, 0)
 
     received = spy[-1]
     assert all(torch.equal(received["state"][n], server.state[n]) for n in server.state)
@@ -152,11 +174,11 @@ def test_unknown_version_without_bitmask_raises_missing_mask(server, make_cfg, d
     node_state = RecordDict()
     if held_version is not None:
         config = round_config(version=held_version)
-        client_round(new_model(), data, server.payload(True), config, make_cfg(), node_state)
+        client_round(new_model(), data, server.payload(True), config, make_cfg(), node_state, 0)
     calls = len(spy)
 
     with pytest.raises(MissingMaskError, match=r"version 4\b") as error:
-        client_round(new_model(), data, server.payload(False), round_config(2, version=4), make_cfg(), node_state)
+        client_round(new_model(), data, server.payload(False), round_config(2, version=4), make_cfg(), node_state, 0)
 
     assert str(error.value).startswith(client_module.MISSING_MASK)
     assert len(spy) == calls  # no training happened
@@ -168,8 +190,8 @@ def test_new_version_with_bitmask_replaces_the_held_mask(make_cfg, data, spy):
     model = new_model()
     old, new = Server(model, seed=0), Server(model, seed=1)
     node_state = RecordDict()
-    client_round(new_model(), data, old.payload(True), round_config(1, version=0), make_cfg(), node_state)
-    client_round(new_model(), data, new.payload(True), round_config(2, version=1), make_cfg(), node_state)
+    client_round(new_model(), data, old.payload(True), round_config(1, version=0), make_cfg(), node_state, 0)
+    client_round(new_model(), data, new.payload(True), round_config(2, version=1), make_cfg(), node_state, 0)
 
     assert held_masks(node_state, 0, new.shapes()) is None
     held = held_masks(node_state, 1, new.shapes())
@@ -179,7 +201,7 @@ def test_new_version_with_bitmask_replaces_the_held_mask(make_cfg, data, spy):
 
 def test_round_options_reach_local_training(server, make_cfg, data, spy):
     cfg = make_cfg(lr=0.03, momentum=0.5, weight_decay=0.002, batch_size=4, local_epochs=2)
-    client_round(new_model(), data, server.payload(True), round_config(mu=0.25), cfg, RecordDict())
+    client_round(new_model(), data, server.payload(True), round_config(mu=0.25), cfg, RecordDict(), 0)
     options = spy[-1]
     assert (options["epochs"], options["batch_size"], options["lr"]) == (2, 4, 0.03)
     assert (options["momentum"], options["weight_decay"], options["proximal_mu"]) == (0.5, 0.002, 0.25)
@@ -191,7 +213,7 @@ def test_round_options_reach_local_training(server, make_cfg, data, spy):
 def test_dense_payload_gives_dense_reply(make_cfg, data):
     request = ArrayRecord(new_model().state_dict())
     config = ConfigRecord({"server-round": 1})  # what Flower's FedAvg sends
-    result = client_round(new_model(), data, request, config, make_cfg(), RecordDict())
+    result = client_round(new_model(), data, request, config, make_cfg(), RecordDict(), 0)
 
     assert not is_sparse(result.arrays) and not carries_mask(result.arrays)
     assert {array.stype for array in result.arrays.values()} == {DENSE_STYPE}
@@ -199,7 +221,7 @@ def test_dense_payload_gives_dense_reply(make_cfg, data):
     assert state.keys() == new_model().state_dict().keys()
     assert all(torch.count_nonzero(state[name]) == state[name].numel() for name in maskable_names(new_model()))
     assert result.metrics["upload-bytes"] == payload_bytes(result.arrays) == payload_bytes(request)
-    assert result.metrics["mask-changed"] == 0
+    assert result.metrics["mask-entered"] == 0
 
 
 class FixedGrid:
@@ -224,7 +246,7 @@ def test_flower_fedprox_round_through_client_round(make_cfg, data, monkeypatch):
     replies = []
     for message in messages:
         arrays, config = message.content["arrays"], message.content["config"]
-        result = client_round(new_model(), data, arrays, config, make_cfg(), RecordDict())
+        result = client_round(new_model(), data, arrays, config, make_cfg(), RecordDict(), 0)
         assert not is_sparse(result.arrays)
         replies.append(Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=message))
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -302,7 +324,7 @@ def test_client_app_trains_and_keeps_the_mask_in_context_state(client_app, conte
 
 def test_prunefl_reconfiguration_round_uploads_dense_squared_gradients(server, make_cfg, data):
     config = ConfigRecord({**round_config(), "upload-gradients": 1})
-    result = client_round(new_model(), data, server.payload(True), config, make_cfg(), RecordDict())
+    result = client_round(new_model(), data, server.payload(True), config, make_cfg(), RecordDict(), 0)
     assert result.gradients is not None and set(result.gradients) == set(server.masks)
     for name, array in result.gradients.items():
         squared = array.numpy()
@@ -311,7 +333,7 @@ def test_prunefl_reconfiguration_round_uploads_dense_squared_gradients(server, m
     assert pruned and all((result.gradients[n].numpy()[~server.masks[n].numpy()] > 0).any() for n in pruned)
     assert result.metrics["upload-bytes"] == payload_bytes(result.arrays) + payload_bytes(result.gradients)
     assert set(result.content().array_records) == {"arrays", "gradients"}
-    plain = client_round(new_model(), data, server.payload(True), round_config(), make_cfg(), RecordDict())
+    plain = client_round(new_model(), data, server.payload(True), round_config(), make_cfg(), RecordDict(), 0)
     assert plain.gradients is None and set(plain.content().array_records) == {"arrays"}
 
 
@@ -343,10 +365,10 @@ BAD_MESSAGES = {
 def test_client_rejects_a_bad_server_message_and_keeps_its_mask(server, make_cfg, data, bad):
     make_payload, config, error = BAD_MESSAGES[bad]
     state = RecordDict()
-    client_round(new_model(), data, server.payload(True), round_config(1), make_cfg(), state)
+    client_round(new_model(), data, server.payload(True), round_config(1), make_cfg(), state, 0)
     held = held_masks(state, 0, server.shapes())
     with pytest.raises(CodecError, match=error):
-        client_round(new_model(), data, make_payload(server), config, make_cfg(), state)
+        client_round(new_model(), data, make_payload(server), config, make_cfg(), state, 0)
     assert all(torch.equal(held[n], held_masks(state, 0, server.shapes())[n]) for n in held)
 
 

@@ -81,7 +81,7 @@ def test_feddst_on_superlink_and_supernodes_with_tls(deployment, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "deployed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]
     assert all(r["replies"] == NODES and r["rejected"] == 0 for r in records[1:])
-    assert records[1]["readjust-alpha"] > 0 and records[1]["mask-changed"] > 0  # a readjustment round
+    assert records[1]["readjust-alpha"] > 0 and records[1]["mask-entered"] > 0  # a readjustment round
     assert records[2]["masks-sent"] == NODES  # the new mask went down
     for record in records[1:]:
         assert record["client-upload-bytes"] == record["upload-bytes"]

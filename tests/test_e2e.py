@@ -113,7 +113,7 @@ def test_feddst_bytes_match_codec(runs):
     base, bitmask, _, _ = predicted_sizes()
     records = runs["feddst"]
     for previous, record in zip(records, records[1:]):
-        mask_down = record["round"] == 1 or previous["mask-changed"] > 0
+        mask_down = record["round"] == 1 or previous["mask-entered"] > 0
         mask_up = readjust_alpha(record["round"], FEDDST["alpha"], FEDDST["delta-r"], FEDDST["r-end"]) > 0
         assert record["masks-sent"] == NODES * mask_down
         assert record["download-bytes"] == NODES * (base + bitmask * mask_down), record
@@ -121,8 +121,21 @@ def test_feddst_bytes_match_codec(runs):
         assert record["client-download-bytes"] == record["download-bytes"]
         assert record["client-upload-bytes"] == record["upload-bytes"]
     assert [r["round"] for r in records if r["readjust-alpha"] > 0] == [2, 4]
-    assert records[2]["mask-changed"] > 0 and records[2]["mask-version"] == 1
+    assert records[2]["mask-entered"] > 0 and records[2]["mask-version"] == 1
     assert records[-1]["cum-upload-bytes"] == sum(r["upload-bytes"] for r in records)
+
+
+def test_digits_mask_moves_on_every_readjust_round(flwr_home, tmp_path):
+    """30 rounds on digits (default config, 2 local epochs): every readjust round with
+    alpha_r > 0 brings new positions into the global mask, spread over several units."""
+    records = flwr_run(flwr_home, tmp_path, "moving", {"num-server-rounds": 30, "local-epochs": 2, "eval-interval": 10})
+    readjust = [r for r in records if r["readjust-alpha"] > 0]
+    assert [r["round"] for r in readjust] == [5, 10]  # delta-r 5, r-end 15: alpha_r(15) = 0
+    for record in readjust:
+        assert record["mask-entered"] > 0 and record["mask-entered-units"] > 1, record
+        assert sum(record["mask-votes"]) == record["mask-entered"]
+    assert all(r["mask-entered"] == 0 and r["mask-votes"] == [] for r in records if r["readjust-alpha"] == 0)
+    assert 0 < records[10]["mask-drift"] == records[-1]["mask-drift"]
 
 
 def test_fedavg_through_the_same_client_app(runs):
@@ -245,6 +258,6 @@ def test_prunefl_counts_its_dense_uploads(flwr_home, tmp_path):
     assert records[0]["download-bytes"] == records[0]["upload-bytes"] == dense  # one client, dense both ways
     assert records[1]["upload-bytes"] == records[1]["client-upload-bytes"] == NODES * (base + gradients)
     assert records[1]["download-bytes"] == NODES * (base + bitmask)  # first contact: everyone gets the mask
-    assert records[1]["mask-changed"] > 0 and records[1]["density"] == records[0]["density"]
+    assert records[1]["mask-entered"] > 0 and records[1]["density"] == records[0]["density"]
     assert records[2]["upload-bytes"] == NODES * base  # no reconfiguration after r-end
     assert records[2]["download-bytes"] == NODES * (base + bitmask)  # the new mask travels down once

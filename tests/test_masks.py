@@ -167,19 +167,41 @@ def test_random_masks_are_seeded():
 # --------------------------------------------------------------------------- top-k / magnitude prune
 
 
-def test_top_k_mask_keeps_largest_and_breaks_ties_by_lower_index():
-    scores = torch.tensor([[0.5, 2.0, 1.0], [2.0, -3.0, 1.0]])
-    assert positions(M.top_k_mask(scores, 2)) == [1, 3]
-    assert positions(M.top_k_mask(scores, 3)) == [1, 2, 3]  # 1.0 at 2 beats 1.0 at 5
-    assert int(M.top_k_mask(scores, 0).sum()) == 0
-    assert int(M.top_k_mask(scores, 6).sum()) == 6
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_top_k_mask_keeps_largest_scores():
+    scores = torch.tensor([[0.5, 2.5, 1.0], [2.0, -3.0, 1.5]])
+    assert positions(M.top_k_mask(scores, 2, gen())) == [1, 3]
+    assert positions(M.top_k_mask(scores, 4, gen())) == [1, 2, 3, 5]
+    assert int(M.top_k_mask(scores, 0, gen()).sum()) == 0
+    assert int(M.top_k_mask(scores, 6, gen()).sum()) == 6
+
+
+def test_top_k_mask_breaks_ties_by_votes_before_index():
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 5.0])
+    votes = torch.tensor([1.0, 2.0, 0.0, 7.0, 0.0])  # index order and vote order disagree
+    for seed in range(5):
+        assert positions(M.top_k_mask(scores, 3, gen(seed), votes)) == [1, 3, 4]
+
+
+def test_top_k_mask_breaks_equal_votes_by_seed_not_position():
+    """Among 40 equal candidates, which 5 win depends on the seed, and over seeds every
+    position wins sometimes: no bias towards low (or high) indices."""
+    scores, votes = torch.zeros(40), torch.ones(40)
+    picks = [positions(M.top_k_mask(scores, 5, gen(seed), votes)) for seed in range(60)]
+    assert picks[0] == positions(M.top_k_mask(scores, 5, gen(0), votes))  # seeded: reproducible
+    assert len({tuple(p) for p in picks}) > 50
+    assert {i for p in picks for i in p} == set(range(40))
+    assert abs(sum(sum(p) for p in picks) / (5 * len(picks)) - 19.5) < 3  # mean index near the middle
 
 
 def test_magnitude_prune_keeps_largest_magnitudes_among_candidates():
     weights = {"w": torch.tensor([[3.0, -5.0, 0.1], [-0.2, 4.0, 9.0]])}
     candidates = {"w": mask_from_positions((2, 3), [0, 1, 2, 3, 4])}  # 9.0 at 5 is no candidate
 
-    mask = M.magnitude_prune(weights, candidates, {"w": 3})["w"]
+    mask = M.magnitude_prune(weights, candidates, {"w": 3}, gen())["w"]
 
     assert positions(mask) == [0, 1, 4]  # |-5|, |4|, |3|
 
@@ -188,17 +210,24 @@ def test_magnitude_prune_fills_from_non_candidates_when_too_few():
     weights = {"w": torch.tensor([[3.0, -1.0, 2.0], [0.0, 4.0, 0.0]])}
     candidates = {"w": mask_from_positions((2, 3), [1, 2])}
 
-    mask = M.magnitude_prune(weights, candidates, {"w": 4})["w"]
+    masks = [M.magnitude_prune(weights, candidates, {"w": 4}, gen(seed))["w"] for seed in range(20)]
 
-    assert int(mask.sum()) == 4
-    assert mask.flatten()[[1, 2]].all()  # every candidate is kept
-    assert positions(mask) == [0, 1, 2, 3]  # fill: non-candidates by lowest index
+    assert all(int(mask.sum()) == 4 and mask.flatten()[[1, 2]].all() for mask in masks)  # every candidate kept
+    assert len({tuple(positions(mask)) for mask in masks}) > 1  # the fill is drawn by the seed
 
 
 def test_magnitude_prune_keeps_zero_valued_candidate_before_non_candidates():
     weights = {"w": torch.tensor([0.0, 7.0, 0.0])}
     candidates = {"w": mask_from_positions((3,), [2])}
-    assert positions(M.magnitude_prune(weights, candidates, {"w": 1})["w"]) == [2]
+    assert positions(M.magnitude_prune(weights, candidates, {"w": 1}, gen())["w"]) == [2]
+
+
+def test_magnitude_prune_ranks_equal_magnitudes_by_votes():
+    """Server re-prune: zero-valued regrown positions tie; the one more clients chose wins."""
+    weights = {"w": torch.tensor([0.0, 0.0, 0.0, 3.0])}
+    votes = {"w": torch.tensor([20.0, 60.0, 40.0, 10.0])}
+    mask = M.magnitude_prune(weights, None, {"w": 3}, gen(), votes)["w"]
+    assert positions(mask) == [1, 2, 3]
 
 
 # --------------------------------------------------------------------------- prune and regrow
@@ -207,10 +236,9 @@ def test_magnitude_prune_keeps_zero_valued_candidate_before_non_candidates():
 def regrow_case():
     """Layer "w" (2, 4): active 0..4, alpha_r = 0.4 -> k = round(2.0) = 2.
     Drop the two smallest |w| among active: positions 3 (0.05) and 1 (-0.1).
-    Inactive after the drop: 1, 3, 5, 6, 7. Active position 0 has the largest |grad|
+    Outside the kept ones: 1, 3, 5, 6, 7. Active position 0 has the largest |grad|
     and must not be grown; grown are 6 (|g| = 5) and 3 (|g| = 4, just dropped).
-    Layer "d" (2, 2) fully active, k = round(0.4 * 4) = 2: the two dropped positions
-    (0 and 3) are the only inactive ones, so they are regrown at value zero."""
+    Layer "d" (2, 2) is fully active (a layer ERK keeps dense): left alone."""
     weights = {
         "w": torch.tensor([[0.5, -0.1, 0.3, 0.05], [-0.9, 0.0, 0.0, 0.0]]),
         "d": torch.tensor([[0.1, -2.0], [3.0, 0.2]]),
@@ -225,30 +253,30 @@ def regrow_case():
 
 def test_prune_and_regrow_drops_smallest_and_grows_largest_gradient():
     weights, grads, masks = regrow_case()
-    new = M.prune_and_regrow(weights, grads, masks, alpha_r=0.4)
+    new = M.prune_and_regrow(weights, grads, masks, 0.4, gen())
     assert positions(new["w"]) == [0, 2, 3, 4, 6]
     assert positions(new["d"]) == [0, 1, 2, 3]
 
 
 def test_prune_and_regrow_keeps_active_count_per_layer():
     weights, grads, masks = regrow_case()
-    new = M.prune_and_regrow(weights, grads, masks, alpha_r=0.4)
+    new = M.prune_and_regrow(weights, grads, masks, 0.4, gen())
     assert {n: int(m.sum()) for n, m in new.items()} == {n: int(m.sum()) for n, m in masks.items()}
 
 
-def test_prune_and_regrow_zeroes_dropped_and_grown_keeps_the_rest():
+def test_prune_and_regrow_zeroes_dropped_keeps_regrown_and_dense_layers():
     weights, grads, masks = regrow_case()
-    M.prune_and_regrow(weights, grads, masks, alpha_r=0.4)
-    # w: kept 0, 2, 4 unchanged; dropped 1, regrown 3 and 6 are zero
-    assert torch.equal(weights["w"], torch.tensor([[0.5, 0.0, 0.3, 0.0], [-0.9, 0.0, 0.0, 0.0]]))
-    # d: dropped (and regrown) 0 and 3 are zero, kept 1 and 2 unchanged
-    assert torch.equal(weights["d"], torch.tensor([[0.0, -2.0], [3.0, 0.0]]))
+    before = {n: w.clone() for n, w in weights.items()}
+    M.prune_and_regrow(weights, grads, masks, 0.4, gen())
+    # w: kept 0, 2, 4 unchanged; dropped 1 is zero; 3, dropped and regrown, keeps 0.05; grown 6 is zero
+    assert torch.equal(weights["w"], torch.tensor([[0.5, 0.0, 0.3, 0.05], [-0.9, 0.0, 0.0, 0.0]]))
+    assert torch.equal(weights["d"], before["d"])  # dense layer: never pruned or regrown
 
 
 def test_prune_and_regrow_zeroes_stale_values_at_grown_positions():
     weights, grads, masks = regrow_case()
     weights["w"][1, 2] = 7.0  # a pruned position holding a stale value, grown this step
-    new = M.prune_and_regrow(weights, grads, masks, alpha_r=0.4)
+    new = M.prune_and_regrow(weights, grads, masks, 0.4, gen())
     assert new["w"][1, 2]
     assert weights["w"][1, 2] == 0.0
 
@@ -256,9 +284,21 @@ def test_prune_and_regrow_zeroes_stale_values_at_grown_positions():
 def test_prune_and_regrow_with_zero_alpha_changes_nothing():
     weights, grads, masks = regrow_case()
     before = {n: w.clone() for n, w in weights.items()}
-    new = M.prune_and_regrow(weights, grads, masks, alpha_r=0.0)
+    new = M.prune_and_regrow(weights, grads, masks, 0.0, gen())
     assert M.hamming(new, masks) == 0
     assert all(torch.equal(weights[n], before[n]) for n in weights)
+
+
+def test_prune_and_regrow_breaks_gradient_ties_by_seed_not_index():
+    """All inactive positions have the same gradient: which one grows depends on the seed."""
+    weights = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0] + [0.0] * 16)}
+    masks = {"w": mask_from_positions((20,), [0, 1, 2, 3])}
+    grads = {"w": torch.ones(20)}
+    grown = set()
+    for seed in range(30):
+        new = M.prune_and_regrow({"w": weights["w"].clone()}, grads, masks, 0.25, gen(seed))
+        grown |= set(positions(new["w"])) - {1, 2, 3}
+    assert len(grown) > 8  # not always position 0 or 4
 
 
 # --------------------------------------------------------------------------- schedule
@@ -286,6 +326,22 @@ def test_readjust_alpha_off_when_alpha_zero():
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def test_difference_active_and_units():
+    old = {"x": mask_from_positions((3, 4), [0, 1, 5]), "y": mask_from_positions((2, 1, 2, 2), [0])}
+    new = {"x": mask_from_positions((3, 4), [0, 2, 3, 9]), "y": mask_from_positions((2, 1, 2, 2), [0, 7])}
+    entered = M.difference(new, old)
+    assert positions(entered["x"]) == [2, 3, 9] and positions(entered["y"]) == [7]
+    assert M.active(entered) == 4
+    assert M.units(entered) == 2 + 1  # rows 0 and 2 of x, output channel 1 of y
+
+
+def test_seeded_generator_mixes_its_keys():
+    draw = lambda *keys: torch.randint(0, 2**30, (4,), generator=M.seeded_generator(*keys)).tolist()
+    assert draw(0, 1, 2) == draw(0, 1, 2)
+    assert len({tuple(draw(0, r, c)) for r in range(5) for c in range(5)}) == 25
+    assert draw(1, 2) != draw(12) and draw(0, 12) != draw(1, 2)
 
 
 def test_hamming_counts_differing_positions_over_layers():

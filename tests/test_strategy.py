@@ -19,7 +19,7 @@ from conftest import random_data
 from feddst_flwr.aggregation import ClientUpdate
 from feddst_flwr.client import MissingMaskError, client_round
 from feddst_flwr.codec import BITMASK_STYPE, VALUES_STYPE, CodecError, carries_mask, decode, encode, payload_bytes
-from feddst_flwr.masks import hamming, layer_counts, maskable_names
+from feddst_flwr.masks import active, difference, hamming, layer_counts, maskable_names, units
 from feddst_flwr.models import DigitsCNN
 from feddst_flwr.strategy import FedDST, PruneFL, build_strategy
 
@@ -75,7 +75,7 @@ class Federation:
         node, content = message.metadata.dst_node_id, message.content
         arrays, config = content["arrays"], content["config"]
         try:
-            result = client_round(new_model(), self.data[node], arrays, config, self.cfg, self.states[node])
+            result = client_round(new_model(), self.data[node], arrays, config, self.cfg, self.states[node], node)
         except MissingMaskError as err:
             return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=message)
         return Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=message)
@@ -186,7 +186,7 @@ def test_bitmask_only_to_nodes_lacking_the_current_version(federation):
     strategy = federation.strategy
     first = federation.round(1)  # alpha_r = 0: the global mask stays
     assert mask_flags(first) == {1: True, 2: True, 3: True}
-    assert strategy.mask_version == 0 and strategy.stats.mask_changed == 0
+    assert strategy.mask_version == 0 and strategy.stats.mask_entered == 0
     assert strategy.delivered == {1: 0, 2: 0, 3: 0}
 
     old_masks = strategy.masks
@@ -196,11 +196,46 @@ def test_bitmask_only_to_nodes_lacking_the_current_version(federation):
     assert payload_bytes(first[0].content["arrays"]) - payload_bytes(second[0].content["arrays"]) == bitmask_bytes()
     federation.aggregate(2, [federation.reply(m) for m in second])  # readjust round (2 % delta_r == 0)
 
-    assert strategy.stats.mask_changed == hamming(old_masks, strategy.masks) > 0
+    assert 2 * strategy.stats.mask_entered == hamming(old_masks, strategy.masks) > 0  # a swap counts once
     assert strategy.mask_version == strategy.stats.mask_version == 1
     third = federation.configure(3)
     assert mask_flags(third) == {1: True, 2: True, 3: True}
     assert {m.content["config"]["mask-version"] for m in third} == {1}
+
+
+def test_mask_movement_statistics(federation):
+    """mask-entered, -entered-units, -votes on a readjust round; drift from the initial mask."""
+    strategy = federation.strategy
+    initial = strategy.initial_masks
+    federation.round(1)
+    old = strategy.masks
+    federation.round(2)  # readjust round
+    stats, new = strategy.stats, strategy.masks
+    entered = difference(new, old)
+    assert stats.mask_entered == active(entered) > 0
+    assert stats.mask_entered_units == units(entered) > 1
+    assert len(stats.mask_votes) == 3 + 1 and sum(stats.mask_votes) == stats.mask_entered
+    assert stats.mask_drift == pytest.approx(active(difference(initial, new)) / active(initial)) and stats.mask_drift > 0
+    drift = stats.mask_drift
+    federation.round(3)  # no readjustment: nothing enters, the drift stays
+    assert (strategy.stats.mask_entered, strategy.stats.mask_entered_units, strategy.stats.mask_votes) == (0, 0, [])
+    assert strategy.stats.mask_drift == drift
+
+
+def test_reprune_tie_break_follows_the_seed_not_the_position(make_cfg):
+    """Two FedDST servers that differ only in the seed, fed the same replies, keep different
+    positions among ties; the same seed keeps the same."""
+    def masks_after(seed: int) -> dict:
+        federation = Federation(make_cfg(readjust_at="end"), strategy=make_strategy(r_end=10))
+        federation.round(1)
+        messages = federation.configure(2)
+        replies = [federation.reply(m) for m in messages]
+        federation.strategy.seed = seed
+        federation.aggregate(2, replies)
+        return federation.strategy.masks
+
+    first, again, other = masks_after(0), masks_after(0), masks_after(1)
+    assert hamming(first, again) == 0 and hamming(first, other) > 0
 
 
 def test_partial_sampling_sends_the_mask_to_first_timers_only(make_cfg):
@@ -576,13 +611,13 @@ def test_prunefl_keeps_the_top_sample_weighted_importance_per_layer():
     generator = torch.Generator().manual_seed(3)
     grads = [{n: torch.rand(SHAPES[n], generator=generator) for n in MASKABLE} for _ in range(2)]
     updates = [ClientUpdate({}, {}, 10, grads[0]), ClientUpdate({}, {}, 30, grads[1]), ClientUpdate({}, {}, 5)]
-    masks = strategy.reconfigure(updates, strategy.masks)
+    masks = strategy.reconfigure(updates, strategy.masks, generator)
     for name in MASKABLE:
         importance = (10 * grads[0][name] + 30 * grads[1][name]) / 40  # the client without gradients has no say
         assert int(masks[name].sum()) == strategy.counts[name]
         if not masks[name].all():  # ERK may keep a small layer dense
             assert importance[masks[name]].min() >= importance[~masks[name]].max()
-    assert strategy.reconfigure(updates[2:], strategy.masks) is strategy.masks  # no gradients: mask unchanged
+    assert strategy.reconfigure(updates[2:], strategy.masks, generator) is strategy.masks  # no gradients: mask unchanged
 
 
 def test_prunefl_asks_for_gradients_on_reconfiguration_rounds_only():

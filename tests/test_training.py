@@ -36,7 +36,7 @@ def masked_model(seed: int = 0) -> tuple[nn.Module, dict, dict]:
 
 def run(model: nn.Module, data: TensorData, masks=None, *, mu: float = 0.0, seed: int = 0, **overrides) -> float:
     options = {**SGD, **overrides}
-    return train(model, data, masks, proximal_mu=mu, generator=torch.Generator().manual_seed(seed), **options)
+    return train(model, data, masks, proximal_mu=mu, generator=torch.Generator().manual_seed(seed), **options).loss
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
