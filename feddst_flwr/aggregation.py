@@ -35,18 +35,22 @@ def sparse_average(updates: list[ClientUpdate], min_votes: int = 1) -> tuple[dic
     Returns the averaged state and the votes of every masked position."""
     if not updates:
         raise ValueError("sparse_average needs at least one client update")
-    weights = [float(u.num_examples) for u in updates]
+    total = float(sum(u.num_examples for u in updates))
     state, votes = {}, Votes({}, {})
     for name in updates[0].state:
-        stacked = torch.stack([u.state[name].double() for u in updates])
         if name not in updates[0].masks:
-            state[name] = (_weighted(stacked, weights).sum(0) / sum(weights)).float()
+            state[name] = (sum(u.num_examples * u.state[name].double() for u in updates) / total).float()
             continue
-        kept = torch.stack([u.masks[name] for u in updates])
-        numerator = _weighted(stacked * kept, weights).sum(0)
-        votes.weight[name] = _weighted(kept.double(), weights).sum(0)
-        votes.clients[name] = kept.sum(0)
-        average = numerator / votes.weight[name].clamp_min(1e-300)
+        shape = updates[0].state[name].shape
+        numerator = torch.zeros(shape.numel(), dtype=torch.float64)
+        weight, clients = torch.zeros_like(numerator), torch.zeros(shape.numel(), dtype=torch.int64)
+        for u in updates:  # accumulate each client's kept positions only (sparse, no stacked copies)
+            kept = u.masks[name].flatten().nonzero().squeeze(1)
+            numerator.index_add_(0, kept, u.state[name].flatten()[kept].double(), alpha=u.num_examples)
+            weight.index_add_(0, kept, torch.full((len(kept),), float(u.num_examples), dtype=torch.float64))
+            clients.index_add_(0, kept, torch.ones(len(kept), dtype=torch.int64))
+        votes.weight[name], votes.clients[name] = weight.view(shape), clients.view(shape)
+        average = numerator.view(shape) / votes.weight[name].clamp_min(1e-300)
         state[name] = torch.where(votes.clients[name] >= min_votes, average, torch.zeros_like(average)).float()
     return state, votes
 
@@ -62,11 +66,6 @@ def aggregate(
     masks = magnitude_prune(state, candidates, counts, generator, votes.weight)
     apply_masks(state, masks)
     return state, masks, votes
-
-
-def _weighted(stacked: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """Multiply each client's slice by its weight."""
-    return stacked * torch.tensor(weights, dtype=torch.float64).view(-1, *[1] * (stacked.dim() - 1))
 
 
 SERVER_OPTIMIZERS = ("none", "momentum", "adam")
