@@ -18,7 +18,7 @@ from conftest import erk_masks, random_data
 from feddst_flwr.data import TensorData
 from feddst_flwr.masks import apply_masks
 from feddst_flwr.models import DigitsCNN
-from feddst_flwr.training import Evaluation, batches, dense_gradients, evaluate, train
+from feddst_flwr.training import Evaluation, Readjustment, batches, dense_gradients, evaluate, readjust_epoch, train
 
 WIDTH = 8  # a narrow DigitsCNN keeps the tests fast
 NUM_CLASSES = 10  # DigitsCNN's outputs
@@ -92,6 +92,56 @@ def test_masked_sgd_keeps_pruned_weights_and_momentum_zero_after_every_step(data
     assert_exactly_masked(params, masks, counts)
     for name in masks:  # active weights did train
         assert not torch.equal(params[name][masks[name]], before[name][masks[name]])
+
+
+@pytest.mark.parametrize("after_epoch", [0, 1, 2])
+def test_readjustment_within_training_moves_masks_and_keeps_them_exact(data, after_epoch):
+    """Readjusting after `after_epoch` of 2 epochs: every later step keeps the new masks
+    exact (pruned weights and their momentum zero); regrown weights train unless the
+    readjustment came after the last epoch (then they are uploaded at zero)."""
+    model, masks, counts = masked_model()
+    params = dict(model.named_parameters())
+    name_of = {id(p): name for name, p in params.items()}
+    snapshots = []
+
+    def snapshot(optimizer, _args, _kwargs):
+        buffers = {name_of[id(p)]: optimizer.state[p]["momentum_buffer"].clone() for p in optimizer.state}
+        snapshots.append(({n: params[n].detach().clone() for n in masks}, buffers))
+
+    handle = register_optimizer_step_post_hook(snapshot)
+    try:
+        result = train(
+            model, data, masks, proximal_mu=0.0, generator=torch.Generator().manual_seed(0),
+            readjust=Readjustment(alpha_r=0.3, after_epoch=after_epoch), **SGD,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+
+    new = result.masks
+    assert {n: int(m.sum()) for n, m in new.items()} == counts
+    assert sum(int((new[n] & ~masks[n]).sum()) for n in masks) > 0
+    assert all(torch.equal(new[n], masks[n]) for n in masks if masks[n].all())  # dense layers stay dense
+    steps_per_epoch = math.ceil(len(data) / SGD["batch_size"])
+    for step_params, buffers in snapshots[after_epoch * steps_per_epoch :]:
+        for name, mask in new.items():
+            assert torch.count_nonzero(step_params[name][~mask]) == 0, name  # before train() re-applies masks
+            assert torch.count_nonzero(buffers[name][~mask]) == 0, name
+    assert all(torch.count_nonzero(params[n][~new[n]]) == 0 for n in new)
+    regrown = torch.cat([params[n].detach()[new[n] & ~masks[n]] for n in masks])
+    assert torch.count_nonzero(regrown) == (0 if after_epoch == 2 else regrown.numel())
+
+
+@pytest.mark.parametrize(
+    ("readjust_at", "epochs", "expected"),
+    [("end", 10, 10), ("last-epoch", 10, 9), ("mid", 10, 5), ("mid", 5, 2), ("last-epoch", 1, 0), ("mid", 1, 0)],
+)
+def test_readjust_epoch(readjust_at, epochs, expected):
+    assert readjust_epoch(readjust_at, epochs) == expected
+
+
+def test_readjust_epoch_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="readjust-at 'start'"):
+        readjust_epoch("start", 10)
 
 
 def test_masked_sgd_re_zeroes_pruned_weights_of_an_unmasked_start(data):
