@@ -134,12 +134,12 @@ def prune_and_regrow(
     zeroed in place. Dense layers (every position active) are left alone."""
     new_masks = {}
     for name, mask in masks.items():
-        active = int(mask.sum())
-        k = round(alpha_r * active)
-        if k == 0 or active == mask.numel():
+        count = int(mask.sum())
+        k = round(alpha_r * count)
+        if k == 0 or count == mask.numel():
             new_masks[name] = mask.clone()
             continue
-        kept = top_k_mask(torch.where(mask, weights[name].abs().float(), torch.tensor(-1.0)), active - k, generator)
+        kept = top_k_mask(torch.where(mask, weights[name].abs().float(), torch.tensor(-1.0)), count - k, generator)
         grow_scores = torch.where(kept, torch.tensor(-1.0), grads[name].abs().float())
         new_masks[name] = kept | top_k_mask(grow_scores, k, generator)
         with torch.no_grad():
