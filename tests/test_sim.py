@@ -111,6 +111,47 @@ def test_experiment_configs_layer_preset_overrides_and_identity(tmp_path):
     assert exp.runs() == [("feddst", 0), ("feddst", 1), ("fedavg", 0), ("fedavg", 1)]
 
 
+def test_a_variant_is_a_strategy_with_its_own_name_and_settings(tmp_path):
+    variant = '[strategy.feddst-paper]\nstrategy = "feddst"\nreadjust-at = "end"\n'
+    path = tmp_path / "exp.toml"
+    path.write_text(
+        'preset = "digits"\nstrategies = ["feddst", "feddst-paper"]\nseeds = [0]\nnum-supernodes = 6\n'
+        f'reference = "feddst-paper"\n{variant}'
+    )
+    exp = sim.Experiment.load(path)
+    config = exp.config("feddst-paper", 0, tmp_path)
+    assert (config["strategy"], config["readjust-at"], config["run-name"]) == ("feddst", "end", "feddst-paper-seed0")
+    assert "readjust-at" not in exp.config("feddst", 0, tmp_path)  # the pyproject default applies
+    assert exp.reference == "feddst-paper" and experiment(tmp_path).reference == "feddst"
+
+
+def moving_records(accuracies: list[float], entered: list[int], drift: list[float]) -> list[dict]:
+    """Records of a FedDST run: readjust rounds 1 and 2 (alpha > 0), mask statistics."""
+    recs = records([0, 1, 2, 3], accuracies)
+    for r, record in enumerate(recs):
+        record.update({"readjust-alpha": 0.1 if r in (1, 2) else 0.0, "mask-drift": drift[r],
+                       "mask-entered": entered[r], "mask-entered-units": 1, "mask-votes": []})  # fmt: skip
+    return recs
+
+
+def test_seed_table_and_mask_movement_plot(tmp_path):
+    write_run(tmp_path, "feddst-seed0", moving_records([0.1, 0.2, 0.4, 0.6], [0, 10, 4, 0], [0, 0.1, 0.2, 0.2]))
+    write_run(tmp_path, "feddst-seed1", moving_records([0.1, 0.4, 0.6, 0.8], [0, 20, 6, 0], [0, 0.2, 0.3, 0.4]))
+    write_run(tmp_path, "fedavg-seed0", records([0, 1, 2], [0.1, 0.3, 0.5]))
+    runs = report.load_runs(tmp_path)
+    assert report.last_mean(runs["feddst"][0], evaluations=2) == pytest.approx(0.5)
+    table = report.seed_table(runs)
+    # final: 0.6 and 0.8; last 10 (all 4): 0.325 and 0.475; entered per readjust round (10+20)/2, (4+6)/2
+    assert "| feddst | 2 | 0.7000 ± 0.1000 | 0.4000 ± 0.0750 | 15/5 | 0.300 ± 0.100 |" in table
+    assert "| fedavg | 1 | 0.5000 ± 0.0000 | 0.3000 ± 0.0000 | - | - |" in table
+    assert report.plot_mask_movement(runs, tmp_path / "mask.png")
+    assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
+    assert not report.plot_mask_movement({"fedavg": runs["fedavg"]}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    sim.write_report(tmp_path)
+    assert "![mask movement](mask-movement.png)" in (tmp_path / "REPORT.md").read_text()
+
+
 @pytest.mark.parametrize(
     "text, problem",
     [
