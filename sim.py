@@ -68,7 +68,8 @@ class Experiment:
         )  # fmt: skip
 
     def runs(self) -> list[tuple[str, int]]:
-        return [(strategy, seed) for strategy in self.strategies for seed in self.seeds]
+        """Seed by seed, so that an unfinished experiment compares every strategy on its first seeds."""
+        return [(strategy, seed) for seed in self.seeds for strategy in self.strategies]
 
     def config(self, strategy: str, seed: int, results: Path) -> dict:
         """The full run config of one run: preset, then overrides, then its identity; relative

@@ -108,7 +108,7 @@ def test_experiment_configs_layer_preset_overrides_and_identity(tmp_path):
     assert (config["strategy"], config["seed"], config["run-name"]) == ("fedavg", 1, "fedavg-seed1")
     assert exp.config("feddst", 0, tmp_path)["lr"] == 0.1  # the preset's
     assert config["data-dir"] == str((sim.ROOT / "../shared/data").resolve())  # from the project root
-    assert exp.runs() == [("feddst", 0), ("feddst", 1), ("fedavg", 0), ("fedavg", 1)]
+    assert exp.runs() == [("feddst", 0), ("fedavg", 0), ("feddst", 1), ("fedavg", 1)]
 
 
 def test_a_variant_is_a_strategy_with_its_own_name_and_settings(tmp_path):
@@ -193,7 +193,7 @@ def test_resumption_skips_finished_runs_and_restarts_interrupted_ones(tmp_path):
     (results / "feddst-seed1" / "stale").write_text("from the interrupted run")
     runner = FakeRunner()
     sim.run_experiment(exp, results, runner)
-    assert runner.calls == ["feddst-seed1", "fedavg-seed0", "fedavg-seed1"]
+    assert runner.calls == ["fedavg-seed0", "feddst-seed1", "fedavg-seed1"]
     assert not (results / "feddst-seed1" / "stale").exists()
     assert all((results / name / "done").exists() for name in ("feddst-seed1", "fedavg-seed0", "fedavg-seed1"))
     sim.run_experiment(exp, results, runner)  # everything finished: nothing runs again
