@@ -119,8 +119,9 @@ def seed_table(runs: dict[str, list[Run]], metric: str = METRIC) -> str:
     ]
     for strategy, seeds in runs.items():
         entered = [entered_per_readjust(run) for run in seeds]
+        per_round = "/".join(f"{v:.0f}" for v in np.mean(entered, axis=0)) or "-"
         movement = (
-            f"{'/'.join(f'{v:.0f}' for v in np.mean(entered, axis=0))} | {_pm([run.records[-1]['mask-drift'] for run in seeds], 3)}"
+            f"{per_round} | {_pm([run.records[-1]['mask-drift'] for run in seeds], 3)}"
             if "mask-drift" in seeds[0].records[-1]
             else "- | -"
         )
