@@ -29,8 +29,8 @@ def test_pyproject_config_parses(pyproject_config):
     assert set(pyproject_config) == set(KEYS)  # every key documented in pyproject, none extra
     cfg = ExperimentConfig.from_run_config(pyproject_config)
     assert (cfg.strategy, cfg.num_server_rounds, cfg.local_epochs, cfg.batch_size) == ("feddst", 60, 10, 8)
-    assert (cfg.lr, cfg.weight_decay, cfg.sparsity, cfg.alpha, cfg.delta_r) == (0.1, 1e-3, 0.8, 0.05, 5)
-    assert cfg.is_sparse and cfg.effective_alpha == 0.05 and cfg.effective_mu == 0.0
+    assert (cfg.lr, cfg.weight_decay, cfg.sparsity, cfg.alpha, cfg.delta_r) == (0.1, 1e-3, 0.8, 0.3, 5)
+    assert cfg.is_sparse and cfg.effective_alpha == 0.3 and cfg.readjust_at == "mid" and cfg.effective_mu == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0  # type: ignore[misc]
 
@@ -137,8 +137,8 @@ def test_run_name_default_and_override(run_config):
 
 @pytest.mark.parametrize(
     "strategy, sparse, alpha, mu",
-    [("fedavg", False, 0.05, 0.0), ("fedavgm", False, 0.05, 0.0), ("fedprox", False, 0.05, 0.02),
-     ("feddst", True, 0.05, 0.0), ("feddst-prox", True, 0.05, 0.02), ("randommask", True, 0.0, 0.0)],
+    [("fedavg", False, 0.3, 0.0), ("fedavgm", False, 0.3, 0.0), ("fedprox", False, 0.3, 0.02),
+     ("feddst", True, 0.3, 0.0), ("feddst-prox", True, 0.3, 0.02), ("randommask", True, 0.0, 0.0)],
 )  # fmt: skip
 def test_strategy_derived_properties(run_config, strategy, sparse, alpha, mu):
     cfg = parse(run_config, strategy=strategy, **{"proximal-mu": 0.02})

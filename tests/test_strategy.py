@@ -577,7 +577,7 @@ def test_build_strategy_baselines_sample_clients_per_round(make_cfg, name):
 
 
 @pytest.mark.parametrize(
-    "name, alpha, mu", [("feddst", 0.05, 0.0), ("feddst-prox", 0.05, 0.01), ("randommask", 0.0, 0.0)]
+    "name, alpha, mu", [("feddst", 0.3, 0.0), ("feddst-prox", 0.3, 0.01), ("randommask", 0.0, 0.0)]
 )
 def test_build_strategy_sparse(make_cfg, name, alpha, mu):
     cfg = make_cfg(strategy=name, proximal_mu=0.01, clients_per_round=4, min_fit_fraction=0.75, max_num_examples=99)
