@@ -77,7 +77,7 @@ def train(
     global_params = {name: p.detach().clone() for name, p in params.items()} if proximal_mu > 0 else {}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total, steps = 0.0, 0
-    for epoch in range(epochs + 1):
+    for epoch in range(epochs + 1):  # the last pass only readjusts (after_epoch = epochs)
         if readjust is not None and masks and epoch == readjust.after_epoch:
             masks = _readjusted(model, data, masks, readjust, batch_size, generator, optimizer)
         if epoch == epochs:
