@@ -121,7 +121,7 @@ def test_a_variant_is_a_strategy_with_its_own_name_and_settings(tmp_path):
     exp = sim.Experiment.load(path)
     config = exp.config("feddst-paper", 0, tmp_path)
     assert (config["strategy"], config["readjust-at"], config["run-name"]) == ("feddst", "end", "feddst-paper-seed0")
-    assert "readjust-at" not in exp.config("feddst", 0, tmp_path)  # the pyproject default applies
+    assert exp.config("feddst", 0, tmp_path)["readjust-at"] == "mid"  # the preset's value applies
     assert exp.reference == "feddst-paper" and experiment(tmp_path).reference == "feddst"
 
 
