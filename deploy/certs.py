@@ -1,11 +1,15 @@
-"""Create TLS certificates for a FedDST deployment: a self-signed CA and a SuperLink
-certificate signed by it, with subject alternative names for loopback and any hosts given.
+"""Create the credentials of a FedDST deployment: TLS certificates (a self-signed CA and a
+SuperLink certificate signed by it, with subject alternative names for loopback and any hosts
+given) and SuperNode key pairs for Flower's SuperNode authentication.
 
     python deploy/certs.py OUT_DIR [--host NAME_OR_IP ...]
+    python deploy/certs.py OUT_DIR --node-key NAME
 
-writes OUT_DIR/ca.crt (give it to every SuperNode and to `flwr`), OUT_DIR/server.pem and
-OUT_DIR/server.key (the SuperLink's). Good for development and trials; in production use
-your organisation's PKI.
+The first writes OUT_DIR/ca.crt (give it to every SuperNode and to `flwr`), OUT_DIR/server.pem
+and OUT_DIR/server.key (the SuperLink's); the second OUT_DIR/NAME (the SuperNode's private key,
+for `flower-supernode --auth-supernode-private-key`) and OUT_DIR/NAME.pub (to enrol with
+`flwr supernode register`). Good for development and trials; in production use your
+organisation's PKI.
 """
 
 from __future__ import annotations
@@ -70,11 +74,30 @@ def create_certificates(out_dir: Path, hosts: tuple[str, ...] = ()) -> dict[str,
     return paths
 
 
+def create_node_key(path: Path) -> tuple[Path, Path]:
+    """An EC (P-384) key pair in OpenSSH format, as Flower's SuperNode authentication reads
+    it: the private key at `path` (mode 600), the public key at `path`.pub."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    public = path.with_name(path.name + ".pub")
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return path, public
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--host", action="append", default=[], help="extra SAN: the SuperLink's DNS name or IP")
+    parser.add_argument("--node-key", help="write a SuperNode key pair OUT_DIR/NAME, OUT_DIR/NAME.pub instead")
     args = parser.parse_args()
+    if args.node_key:
+        private, public = create_node_key(args.out_dir / args.node_key)
+        print(f"private key: {private}\npublic key: {public}")
+        return
     for role, path in create_certificates(args.out_dir, tuple(args.host)).items():
         print(f"{role}: {path}")
 

@@ -1,7 +1,10 @@
 """Start and stop a FedDST deployment on this machine: one `flower-superlink` and N
 `flower-supernode` processes (SuperNode i: its own --port, partition-id=i of N), insecure on
-loopback or with TLS (certificates from deploy/certs.py). Processes run in their own
-sessions and are stopped by PID; logs and PIDs live in the state folder.
+loopback or with TLS (certificates from deploy/certs.py) and SuperNode authentication: with
+--tls the SuperLink admits only enrolled nodes (`--enable-supernode-auth`); each SuperNode gets
+a key pair, its public key is enrolled with `flwr supernode register`, and it signs in with
+its private key. Processes run in their own sessions and are stopped by PID; logs and PIDs
+live in the state folder.
 
     python deploy/local.py up --nodes 2 --tls      # prints the `flwr run` command to use
     python deploy/local.py down
@@ -22,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from certs import create_certificates  # noqa: E402
+from certs import create_certificates, create_node_key  # noqa: E402
 
 FEDERATION = "local-deployment"
 ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -71,22 +74,47 @@ def up(state: Path, nodes: int, port: int, tls: bool) -> dict:
         ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]), "--ssl-keyfile", str(certs["key"])]
         if certs else ["--insecure"]
     )  # fmt: skip
-    node_security = ["--root-certificates", str(certs["ca"])] if certs else ["--insecure"]
     pids = {"superlink": spawn(
-        [bin_path("flower-superlink"), "--port", str(port), "--disable-runtime-dependency-installation", *link_security],
+        [bin_path("flower-superlink"), "--port", str(port), "--disable-runtime-dependency-installation", *link_security,
+         *(["--enable-supernode-auth"] if tls else [])],
         state / "logs" / "superlink.log",
     )}  # fmt: skip
     wait_for_port(port)
-    for i in range(nodes):
-        pids[f"supernode-{i}"] = spawn(
-            [bin_path("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(port + 1 + i),
-             "--node-config", f"partition-id={i} num-partitions={nodes}", *node_security],
-            state / "logs" / f"supernode-{i}.log",
-        )  # fmt: skip
-    write_flwr_config(state / "flwr-home", port, certs["ca"] if certs else None)
-    info = {"pids": pids, "port": port, "tls": tls, "flwr_home": str(state / "flwr-home")}
+    home = state / "flwr-home"
+    write_flwr_config(home, port, certs["ca"] if certs else None)
+    info = {"pids": pids, "port": port, "tls": tls, "flwr_home": str(home)}
     (state / "pids.json").write_text(json.dumps(info, indent=2))
+    for i in range(nodes):
+        key = enrol(state, f"supernode-{i}") if tls else None
+        pids[f"supernode-{i}"] = start_supernode(state, port, i, nodes, certs["ca"] if certs else None, key)
+        (state / "pids.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def enrol(state: Path, name: str) -> Path:
+    """Create a key pair for SuperNode `name` and register its public key with the SuperLink
+    (`flwr supernode register`); returns the private key's path."""
+    private, public = create_node_key(state / "keys" / name)
+    home = json.loads((state / "pids.json").read_text())["flwr_home"]
+    done = subprocess.run(
+        [bin_path("flwr"), "supernode", "register", str(public), FEDERATION], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, **ENV, "FLWR_HOME": home}, timeout=60,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"enrolling {name} failed: {done.stdout}{done.stderr}")
+    return private
+
+
+def start_supernode(state: Path, port: int, index: int, nodes: int, ca: Path | None, key: Path | None) -> int:
+    """Start SuperNode `index` (partition-id index of nodes): TLS with `ca`, signing in with
+    the private `key` when given; returns its PID."""
+    security = ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    auth = ["--auth-supernode-private-key", str(key)] if key else []
+    return spawn(
+        [bin_path("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(port + 1 + index),
+         "--node-config", f"partition-id={index} num-partitions={nodes}", *security, *auth],
+        state / "logs" / f"supernode-{index}.log",
+    )  # fmt: skip
 
 
 def down(state: Path, grace: float = 10.0) -> list[int]:
@@ -134,7 +162,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=ROOT / ".deploy", help="state folder (PIDs, logs, certificates)")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--port", type=int, default=9091, help="SuperLink port; SuperNode i uses port + 1 + i")
-    parser.add_argument("--tls", action="store_true", help="TLS with certificates made by deploy/certs.py")
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS (deploy/certs.py) and SuperNode authentication: only enrolled nodes join"
+    )
     args = parser.parse_args()
     if args.action == "down":
         print(f"stopped {down(args.dir)}")

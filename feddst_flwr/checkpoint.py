@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import ExperimentConfig
+from .grid import Traffic
 
 FORMAT = 2  # 2: the strategy state holds the initial mask (mask-drift)
 # Keys that may change between the interrupted run and its resumption.
@@ -74,6 +76,51 @@ def load_checkpoint(cfg: ExperimentConfig) -> Checkpoint:
     if differing:
         details = ", ".join(f"{key.replace('_', '-')}: {config.get(key)!r} -> {expected.get(key)!r}" for key in differing)
         raise CheckpointError(f"checkpoint {path} was written by a different experiment ({details})")
+    check_fields(fields)
     if fields["round"] >= cfg.num_server_rounds:
         raise CheckpointError(f"checkpoint {path} is at round {fields['round']}: nothing left of {cfg.num_server_rounds} rounds")
     return Checkpoint(**fields)
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], field: str) -> None:
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise CheckpointError(f"checkpoint field '{field}' is {type(value).__name__}, expected {kind}")
+
+
+def _tensors(value: Any, field: str, dtype: torch.dtype | None = None) -> None:
+    """A dict of name -> tensor (of `dtype` when given)."""
+    _expect(value, dict, field)
+    for name, tensor in value.items():
+        _expect(name, str, f"{field} key")
+        _expect(tensor, torch.Tensor, f"{field}.{name}")
+        if dtype is not None and tensor.dtype != dtype:
+            raise CheckpointError(f"checkpoint field '{field}.{name}' has dtype {tensor.dtype}, expected {dtype}")
+
+
+STRATEGY_FIELDS = {"masks": dict, "initial_masks": dict, "mask_version": int, "rng": tuple, "optimizer": dict}
+RECORDER_FIELDS = {"records": list, "cumulative": dict, "elapsed": (int, float)}
+
+
+def check_fields(fields: dict[str, Any]) -> None:
+    """Every field of a checkpoint has its type (shapes are checked against the model by the
+    strategy); CheckpointError names the first that does not."""
+    _expect(fields["round"], int, "round")
+    _tensors(fields["arrays"], "arrays")
+    strategy, recorder = fields["strategy"], fields["recorder"]
+    for holder, prefix, spec in (("strategy", "strategy", STRATEGY_FIELDS), ("recorder", "recorder", RECORDER_FIELDS)):
+        _expect(fields[holder], dict, prefix)
+        for key, kind in spec.items():
+            if key not in fields[holder]:
+                raise CheckpointError(f"checkpoint field '{prefix}.{key}' is missing")
+            _expect(fields[holder][key], kind, f"{prefix}.{key}")
+    _tensors(strategy["masks"], "strategy.masks", torch.bool)
+    _tensors(strategy["initial_masks"], "strategy.initial_masks", torch.bool)
+    for key in ("m", "v"):
+        if key not in strategy["optimizer"]:
+            raise CheckpointError(f"checkpoint field 'strategy.optimizer.{key}' is missing")
+        _tensors(strategy["optimizer"][key], f"strategy.optimizer.{key}")
+    counters = {f.name for f in fields_of(Traffic)}
+    for key, value in recorder["cumulative"].items():
+        if key not in counters:
+            raise CheckpointError(f"checkpoint field 'recorder.cumulative' has an unknown counter '{key}'")
+        _expect(value, int, f"recorder.cumulative.{key}")

@@ -4,7 +4,6 @@ same path without masks."""
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from .config import ExperimentConfig
 from .data import TensorData
 from .masks import Masks, active, difference, maskable_names, seeded_generator, shapes_of
 from .training import Readjustment, dense_gradients, readjust_epoch, train
+from .validation import ECHOED, GRADIENTS_KEY, check_number
 
 MASK_STATE_KEY = "feddst-mask"  # Context.state: the global mask this node holds
 VERSION_STATE_KEY = "feddst-mask-version"
@@ -24,9 +24,6 @@ MISSING_MASK = "feddst-missing-mask"  # error reason prefix: node lacks the mask
 
 class MissingMaskError(RuntimeError):
     """The server sent values for a mask version this node does not hold."""
-
-
-GRADIENTS_KEY = "gradients"  # reply ArrayRecord of dense squared gradients (PruneFL)
 
 
 @dataclass
@@ -59,20 +56,13 @@ def store_masks(state: RecordDict, masks: Masks, version: int) -> None:
 
 def check_config(config: ConfigRecord, sparse: bool) -> None:
     """Validate the server's round config; CodecError names the bad key."""
-    required = {"server-round": (int, 0, None)}
-    if sparse:
-        required["mask-version"] = (int, 0, None)
+    required = {"server-round": (int, 0, None)} | ({"mask-version": (int, 0, None)} if sparse else {})
     optional = {"readjust-alpha": (float, 0.0, 1.0), "proximal-mu": (float, 0.0, None), "upload-gradients": (int, 0, 1)}
-    for key, (kind, low, high) in {**required, **optional}.items():
-        if key not in config:
-            if key in required:
-                raise CodecError(f"server config lacks '{key}'")
-            continue
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            raise CodecError(f"server config '{key}' = {value!r}: expected {kind.__name__}")
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            raise CodecError(f"server config '{key}' = {value!r}: expected in [{low}, {high if high is not None else 'inf'}]")
+    for key in sorted(set(required) - set(config)):
+        raise CodecError(f"server config lacks '{key}'")
+    for key, bounds in {**required, **optional}.items():
+        if key in config:
+            check_number("server config", key, config[key], *bounds)
 
 
 def receive(
@@ -151,6 +141,7 @@ def client_round(
             "mask-entered": entered,
             "upload-bytes": payload_bytes(reply) + (payload_bytes(gradients) if gradients is not None else 0),
             "download-bytes": payload_bytes(arrays),
+            **{key: config[key] for key in ECHOED if key in config},  # what this reply answers
         }
     )
     return ClientResult(reply, metrics, gradients)

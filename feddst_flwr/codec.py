@@ -10,10 +10,12 @@ Every other tensor is a plain `numpy.ndarray` Array, as Flower sends it.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib import format as npy_format
 import torch
 from flwr.app import Array, ArrayRecord
 
@@ -131,16 +133,30 @@ def decode_dense(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tenso
     limit = math.prod(shape) * np.dtype(array.dtype).itemsize + NPY_HEADER_LIMIT
     if len(array.data) > limit:
         raise CodecError(f"layer '{name}': {len(array.data)} bytes for shape {shape}, at most {limit} expected")
-    try:
-        values = array.numpy()
-    except Exception as err:  # np.load raises many types on malformed bytes
-        raise CodecError(f"layer '{name}': unreadable numpy payload ({err})") from err
-    if values.dtype != np.dtype(array.dtype):
-        raise CodecError(f"layer '{name}': payload dtype {values.dtype} differs from the declared '{array.dtype}'")
-    if values.shape != shape:
-        raise CodecError(f"layer '{name}': shape {values.shape}, expected {shape}")
+    values = read_npy(name, array.data, np.dtype(array.dtype), shape)
     _check_finite(name, values)
     return torch.from_numpy(values.astype(np.float32))
+
+
+def read_npy(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """The array in .npy bytes, read only if its header declares exactly `dtype` and
+    `shape` and the data that follows is exactly that size (np.load would allocate what
+    the header declares before reading)."""
+    stream = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(stream)
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        declared, fortran_order, declared_dtype = read_header(stream, max_header_size=NPY_HEADER_LIMIT)
+    except Exception as err:  # numpy raises several types on malformed headers
+        raise CodecError(f"layer '{name}': unreadable numpy header ({err})") from err
+    if declared_dtype != dtype:
+        raise CodecError(f"layer '{name}': payload dtype {declared_dtype} differs from the declared '{dtype}'")
+    if tuple(declared) != shape:
+        raise CodecError(f"layer '{name}': payload shape {tuple(declared)}, expected {shape}")
+    body = data[stream.tell() :]
+    if len(body) != math.prod(shape) * dtype.itemsize:
+        raise CodecError(f"layer '{name}': {len(body)} data bytes, expected {math.prod(shape) * dtype.itemsize} for {shape}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
 def _decode_mask(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:

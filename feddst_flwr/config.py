@@ -49,6 +49,7 @@ class ExperimentConfig:
     min_votes: int
     min_fit_fraction: float
     max_num_examples: int
+    max_update_norm: float
     round_timeout: float
     client_failure_rate: float
     checkpoint_every: int
@@ -150,6 +151,7 @@ class ExperimentConfig:
             (self.min_votes >= 1, "min-votes", ">= 1"),
             (0.0 <= self.min_fit_fraction <= 1.0, "min-fit-fraction", "in [0, 1]"),
             (self.max_num_examples >= 1, "max-num-examples", ">= 1"),
+            (self.max_update_norm == 0 or self.max_update_norm >= 1, "max-update-norm", "0 (off) or >= 1 (x the median)"),
             (self.round_timeout > 0, "round-timeout", "> 0 seconds"),
             (0.0 <= self.client_failure_rate < 1.0, "client-failure-rate", "in [0, 1)"),
             (self.checkpoint_every >= 0, "checkpoint-every", ">= 0 (0: no checkpoints)"),

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from logging import WARNING
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 
-from .codec import payload_bytes
+from .codec import CodecError, payload_bytes
+from .validation import check_number
 
 PARTITION_ID = "partition-id"
 
@@ -21,8 +24,15 @@ def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
     messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
     order = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if not reply.has_error() and PARTITION_ID in reply.content.metric_records.get("metrics", {}):
-            order[reply.metadata.src_node_id] = int(reply.content.metric_records["metrics"][PARTITION_ID])
+        node = reply.metadata.src_node_id
+        try:
+            if reply.has_error() or "metrics" not in reply.content.metric_records:
+                raise CodecError("no partition-id in the reply")
+            value = reply.content.metric_records["metrics"].get(PARTITION_ID)
+            check_number("reply metric", PARTITION_ID, value, int, 0, None)
+            order[node] = value
+        except CodecError as err:
+            log(WARNING, "node %d has no valid partition-id (%s): it is listed after the others", node, err)
     return order
 
 
@@ -44,6 +54,13 @@ def message_bytes(message: Message) -> int:
     if message.has_error():
         return 0
     return sum(payload_bytes(record) for record in message.content.array_records.values())
+
+
+def reported_bytes(metrics: MetricRecord, key: str) -> int:
+    """A byte count a client reports, 0 unless it is a non-negative int (the strategy's
+    reply guard rejects such a reply; the meter must not crash on it first)."""
+    value = metrics.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 class ServerGrid(Grid):
@@ -72,8 +89,8 @@ class ServerGrid(Grid):
             self.traffic.errors += reply.has_error()
             if not reply.has_error() and "metrics" in reply.content.metric_records:
                 metrics = reply.content.metric_records["metrics"]
-                self.traffic.client_upload += int(metrics.get("upload-bytes", 0))
-                self.traffic.client_download += int(metrics.get("download-bytes", 0))
+                self.traffic.client_upload += reported_bytes(metrics, "upload-bytes")
+                self.traffic.client_download += reported_bytes(metrics, "download-bytes")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -23,6 +23,7 @@ from .grid import ServerGrid, Traffic
 from .masks import MASKABLE_MODULES, Masks, densities, total_density, weight_name
 from .strategy import RoundStats
 from .training import evaluate
+from .validation import Health
 
 
 def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
@@ -63,6 +64,7 @@ class RoundRecorder:
         client_weights: np.ndarray,
         grid: ServerGrid,
         mask_state: Callable[[], tuple[Masks, RoundStats]] | None,
+        health: Callable[[], Health] = Health,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -70,6 +72,7 @@ class RoundRecorder:
         self.client_weights = client_weights
         self.grid = grid
         self.mask_state = mask_state
+        self.health = health
         self.run_dir = Path(cfg.results_dir) / cfg.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -121,6 +124,8 @@ class RoundRecorder:
             "replies": traffic.replies,
             "error-replies": traffic.errors,
             "failures": traffic.messages - traffic.replies,
+            "rejected": len(self.health().rejected),
+            "discarded": int(self.health().discarded),
         }
 
     def _sparsity(self) -> dict:
@@ -137,7 +142,6 @@ class RoundRecorder:
             "mask-drift": stats.mask_drift,
             "mask-votes": stats.mask_votes,
             "masks-sent": stats.masks_sent,
-            "rejected": len(stats.failures),
             "skipped": int(stats.skipped),
             "flops": forward_flops(self.model, masks),
             "dense-flops": self.dense_flops,

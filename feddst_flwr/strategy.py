@@ -17,14 +17,14 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result, S
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from .aggregation import ClientUpdate, ServerOptimizer, Votes, aggregate
-from .checkpoint import Checkpoint
-from .client import GRADIENTS_KEY
+from .checkpoint import Checkpoint, CheckpointError
 from .codec import CodecError, decode, decode_dense, encode
 from .config import ExperimentConfig
 from .masks import (
     Masks, active, apply_masks, difference, hamming, layer_counts, magnitude_prune, random_masks, readjust_alpha,
     seeded_generator, shapes_of, units,
 )
+from .validation import GRADIENTS_KEY, Instruction, ReplyGuard, check_reply, guarded, outliers, update_norm
 
 
 @dataclass
@@ -38,11 +38,11 @@ class RoundStats:
     mask_drift: float = 0.0  # fraction of the initial mask's positions no longer in the mask
     mask_votes: list[int] = field(default_factory=list)  # entering positions with 0, 1, 2, ... client votes
     masks_sent: int = 0  # nodes that got the bitmask in this round's download
-    failures: list[str] = field(default_factory=list)  # "node N: reason" per rejected or missing reply
+    failures: list[str] = field(default_factory=list)  # "node N: reason" per failed, refused or missing reply
     skipped: bool = False  # too few valid replies: the global model and mask were kept
 
 
-class FedDST(Strategy):
+class FedDST(ReplyGuard):
     """Federated Dynamic Sparse Training (Bibikar et al., AAAI 2022).
 
     Parameters
@@ -75,6 +75,9 @@ class FedDST(Strategy):
     max_num_examples : int (default: 1_000_000)
         A reply claiming more training examples than this is rejected (it would dominate
         the weighted average).
+    max_update_norm : float (default: 0.0)
+        A reply whose update (its values minus the global model's) has an L2 norm above
+        this multiple of the round's median is rejected; 0: no bound.
     value_dtype : str (default: "float32")
         Wire dtype of the sparse values ("float32" or "float16").
     seed : int (default: 0)
@@ -101,6 +104,7 @@ class FedDST(Strategy):
         min_votes: int = 1,
         min_fit_fraction: float = 0.5,
         max_num_examples: int = 1_000_000,
+        max_update_norm: float = 0.0,
         value_dtype: str = "float32",
         seed: int = 0,
         server_optimizer: ServerOptimizer | None = None,
@@ -122,6 +126,7 @@ class FedDST(Strategy):
         self.min_votes = min_votes
         self.min_fit_fraction = min_fit_fraction
         self.max_num_examples = max_num_examples
+        self.max_update_norm = max_update_norm
         self.value_dtype = value_dtype
         self.seed = seed
         self.server_optimizer = server_optimizer or ServerOptimizer("none", 1.0, 0.0)
@@ -217,11 +222,21 @@ class FedDST(Strategy):
 
     def load_state_dict(self, state: dict[str, Any], arrays: dict[str, torch.Tensor]) -> ArrayRecord:
         """Restore `state_dict()` after `initialize`; returns the global model `arrays`."""
-        shapes, mask_shapes = shapes_of(arrays, list(arrays)), shapes_of(state["masks"], list(state["masks"]))
-        if shapes != self.shapes or mask_shapes != {name: self.shapes[name] for name in self.maskable}:
-            raise ValueError(f"checkpointed model {shapes} or masks {mask_shapes} do not match the model {self.shapes}")
+        maskable = {name: self.shapes[name] for name in self.maskable}
+        expected = {"arrays": (arrays, self.shapes), "strategy.masks": (state["masks"], maskable),
+                    "strategy.initial_masks": (state["initial_masks"], maskable)}  # fmt: skip
+        for field, (tensors, shapes) in expected.items():
+            if shapes_of(tensors, list(tensors)) != shapes:
+                raise CheckpointError(f"checkpoint field '{field}' has shapes {shapes_of(tensors, list(tensors))}, the model {shapes}")
+        for key in ("m", "v"):
+            wrong = sorted(n for n, t in state["optimizer"][key].items() if maskable.get(n, self.shapes.get(n)) != tuple(t.shape))
+            if wrong:
+                raise CheckpointError(f"checkpoint field 'strategy.optimizer.{key}' has tensors {wrong} not shaped like the model")
         self.masks, self.initial_masks, self.mask_version = state["masks"], state["initial_masks"], state["mask_version"]
-        self.rng.setstate(state["rng"])
+        try:
+            self.rng.setstate(state["rng"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint field 'strategy.rng' is not a random.Random state ({err})") from err
         self.server_optimizer.m, self.server_optimizer.v = state["optimizer"]["m"], state["optimizer"]["v"]
         return ArrayRecord(arrays)
 
@@ -232,7 +247,7 @@ class FedDST(Strategy):
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, size)  # waits for nodes
         return self.rng.sample(all_nodes, size)  # in the grid's order (ServerGrid: by partition-id)
 
-    def configure_train(
+    def _configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Step 2 and 7: global values for every node, the mask bits only for nodes that
@@ -263,28 +278,37 @@ class FedDST(Strategy):
             len(messages), self.stats.masks_sent, self.mask_version, alpha_r)
         return messages
 
-    def aggregate_train(
+    def _aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Step 6: validate every reply, sparse weighted average, re-prune to S. A reply
         that fails validation, and a sampled node that did not reply, count as failures;
         with fewer valid replies than min-fit-fraction of the sampled nodes the round is
         skipped and the global model and mask stay as they were."""
-        updates, contents, pending = [], [], set(self.sampled)
-        for reply in replies:
+        updates, contents, nodes, pending = [], [], [], set(self.sampled)
+        for reply in replies:  # screened by ReplyGuard: each from a sampled node, at most once
             node_id = reply.metadata.src_node_id
+            pending.discard(node_id)
+            if reply.has_error():
+                self._fail(node_id, f"error reply {reply.error.code}: {reply.error.reason}")
+                continue
             try:
-                if node_id not in pending:
-                    raise CodecError("reply from a node that was not sampled, or a second reply")
-                pending.discard(node_id)
                 updates.append(self._decode_reply(reply))
             except CodecError as err:
-                self._fail(node_id, str(err))
+                self._fail(node_id, str(err), refused=True)
                 continue
-            self.delivered[node_id] = self.mask_version
             contents.append(reply.content)
+            nodes.append(node_id)
         for node_id in sorted(pending):
             self._fail(node_id, "no reply (failed, timed out or lost)")
+        old = {name: tensor.numpy() for name, tensor in self.global_state.items()}
+        norms = [update_norm({name: t.numpy() for name, t in u.state.items()}, old) for u in updates]
+        for i, reason in reversed(list(enumerate(outliers(norms, self.max_update_norm)))):
+            if reason is not None:
+                self._fail(nodes[i], reason, refused=True)
+                del updates[i], contents[i], nodes[i]
+        for node_id in nodes:
+            self.delivered[node_id] = self.mask_version
         if len(updates) < math.ceil(self.min_fit_fraction * len(self.sampled)) or not updates:
             self.stats.skipped = True
             log(WARNING, "aggregate_train: round %d skipped, %d of %d sampled nodes replied validly (min-fit-fraction %.2f)",
@@ -315,35 +339,24 @@ class FedDST(Strategy):
         """Fraction of the initial mask's positions that are not in `masks`."""
         return active(difference(self.initial_masks, masks)) / max(active(self.initial_masks), 1)
 
-    def _fail(self, node_id: int, reason: str) -> None:
-        """Count a failure; the node gets the mask again next time (its state is unknown)."""
+    def _fail(self, node_id: int, reason: str, refused: bool = False) -> None:
+        """Count a failure (refused: a reply that failed validation); the node gets the
+        mask again next time (its state is unknown)."""
         self.delivered.pop(node_id, None)
         self.stats.failures.append(f"node {node_id}: {reason}")
-        log(WARNING, "aggregate_train: rejected node %d: %s", node_id, reason)
+        if refused:
+            self.health.rejected.append(f"node {node_id}: {reason}")
+        log(WARNING, "aggregate_train: %s node %d: %s", "rejected" if refused else "lost", node_id, reason)
 
     def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
         """The next global mask after aggregation: FedDST keeps the re-pruned one."""
         return masks
 
-    def expected_records(self) -> set[str]:
-        """The ArrayRecords a valid reply carries this round."""
-        return {self.arrayrecord_key}
-
     def _decode_reply(self, reply: Message) -> ClientUpdate:
-        """Validate one reply; CodecError names the problem."""
-        if reply.has_error():
-            raise CodecError(f"client error {reply.error.code}: {reply.error.reason}")
+        """Decode one reply's sparse payload (ReplyGuard has checked its records and
+        metrics); CodecError names the problem."""
         content = reply.content
-        if set(content.array_records) != self.expected_records() or "metrics" not in content.metric_records:
-            raise CodecError(
-                f"reply carries arrays {sorted(content.array_records)} and metrics "
-                f"{sorted(content.metric_records)}, expected {sorted(self.expected_records())} and ['metrics']"
-            )
-        num_examples = content.metric_records["metrics"].get(self.weighted_by_key)
-        if not isinstance(num_examples, int) or not 0 < num_examples <= self.max_num_examples:
-            raise CodecError(
-                f"'{self.weighted_by_key}' must be an int in [1, {self.max_num_examples}], got {num_examples!r}"
-            )
+        num_examples = int(content.metric_records["metrics"][self.weighted_by_key])
         decoded = decode(content.array_records[self.arrayrecord_key], self.shapes, self.maskable, self.masks)
         for name, mask in decoded.masks.items():
             if int(mask.sum()) > self.counts[name]:
@@ -383,21 +396,26 @@ class PruneFL(FedDST):
         """Train the dense initial model on the first node (grid order), prune it by magnitude."""
         _, nodes = sample_nodes(grid, self.min_available_nodes, 1)
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({"server-round": 0})})
-        (reply,) = grid.send_and_receive([Message(content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)])
-        if reply.has_error():
-            raise RuntimeError(f"PruneFL's initial pruning failed on node {nodes[0]}: {reply.error.reason}")
+        message = Message(content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)
+        (reply,) = grid.send_and_receive([message])
+        try:
+            if reply.has_error():
+                raise CodecError(f"error reply {reply.error.code}: {reply.error.reason}")
+            check_reply(reply, Instruction.of(message), self.max_num_examples)
+        except CodecError as err:
+            raise RuntimeError(f"PruneFL's initial pruning failed on node {nodes[0]}: {err}") from err
         state = decode(reply.content.array_records[self.arrayrecord_key], self.shapes, [], None).state
         self.masks = self.initial_masks = magnitude_prune(state, None, self.counts, seeded_generator(self.seed, "prunefl"))
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
-    def configure_train(
+    def _configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask for dense squared gradients on reconfiguration rounds."""
         self.asks_gradients = server_round <= self.r_end and server_round % self.delta_r == 0
         config = ConfigRecord({**config, "upload-gradients": int(self.asks_gradients)})
-        return super().configure_train(server_round, arrays, config, grid)
+        return super()._configure_train(server_round, arrays, config, grid)
 
     def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
         """On reconfiguration rounds, the top importance sum(n_c g_c^2) / sum(n_c) per layer."""
@@ -409,10 +427,6 @@ class PruneFL(FedDST):
             name: sum(u.num_examples * u.gradients[name] for u in reporting) / total for name in masks
         }
         return magnitude_prune(importance, None, self.counts, generator)
-
-    def expected_records(self) -> set[str]:
-        """The sparse weights, plus the dense gradients on reconfiguration rounds."""
-        return super().expected_records() | ({GRADIENTS_KEY} if self.asks_gradients else set())
 
     def _decode_reply(self, reply: Message) -> ClientUpdate:
         """FedDST's validation, plus the dense gradients on reconfiguration rounds."""
@@ -427,27 +441,28 @@ class PruneFL(FedDST):
 
 def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
     """The run config's strategy: FedDST (feddst, feddst-prox, randommask) or Flower's own
-    FedAvg / FedAvgM / FedProx. All evaluate centrally, so federated evaluation is off."""
+    FedAvg / FedAvgM / FedAdam / FedProx, each behind the reply guard (validation.py). All
+    evaluate centrally, so federated evaluation is off."""
     sampling = {
         # Flower samples max(int(n * fraction), min_train_nodes): a fixed count rides on the minimum
         "fraction_train": cfg.fraction_train if not cfg.clients_per_round else 1e-9,
         "min_train_nodes": cfg.clients_per_round or 2,
         "min_available_nodes": max(cfg.clients_per_round, 2),
     }
-    if cfg.strategy == "fedavg":
-        return FedAvg(fraction_evaluate=0.0, **sampling)
-    if cfg.strategy == "fedavgm":
-        return FedAvgM(
-            fraction_evaluate=0.0, server_learning_rate=cfg.effective_server_lr, server_momentum=cfg.server_momentum,
-            **sampling,
-        )
-    if cfg.strategy == "fedadam":
-        return FedAdam(
-            fraction_evaluate=0.0, eta=cfg.effective_server_lr, eta_l=cfg.lr, beta_1=cfg.server_momentum,
-            beta_2=cfg.server_beta2, tau=cfg.server_tau, **sampling,
-        )
-    if cfg.strategy == "fedprox":
-        return FedProx(fraction_evaluate=0.0, proximal_mu=cfg.proximal_mu, **sampling)
+    baselines = {
+        "fedavg": (FedAvg, {}),
+        "fedavgm": (FedAvgM, {"server_learning_rate": cfg.effective_server_lr, "server_momentum": cfg.server_momentum}),
+        "fedadam": (FedAdam, {
+            "eta": cfg.effective_server_lr, "eta_l": cfg.lr, "beta_1": cfg.server_momentum, "beta_2": cfg.server_beta2,
+            "tau": cfg.server_tau,
+        }),
+        "fedprox": (FedProx, {"proximal_mu": cfg.proximal_mu}),
+    }  # fmt: skip
+    if cfg.strategy in baselines:
+        cls, options = baselines[cfg.strategy]
+        strategy = guarded(cls)(fraction_evaluate=0.0, **options, **sampling)
+        strategy.max_num_examples, strategy.max_update_norm = cfg.max_num_examples, cfg.max_update_norm
+        return strategy
     return (PruneFL if cfg.strategy == "prunefl" else FedDST)(
         maskable,
         sparsity=cfg.sparsity,
@@ -462,6 +477,7 @@ def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
         min_votes=cfg.min_votes,
         min_fit_fraction=cfg.min_fit_fraction,
         max_num_examples=cfg.max_num_examples,
+        max_update_norm=cfg.max_update_norm,
         value_dtype=cfg.value_dtype,
         seed=cfg.seed,
         server_optimizer=ServerOptimizer(

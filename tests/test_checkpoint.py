@@ -4,6 +4,8 @@ uninterrupted one does."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
@@ -67,7 +69,7 @@ def test_checkpoint_of_another_model_is_an_error():
     strategy.initialize(ArrayRecord(new_model().state_dict()))
     saved = small_checkpoint()
     arrays = {**saved.arrays, "fc2.bias": torch.zeros(3)}
-    with pytest.raises(ValueError, match="do not match the model"):
+    with pytest.raises(CheckpointError, match="checkpoint field .arrays. has shapes"):
         strategy.load_state_dict(saved.strategy, arrays)
 
 
@@ -101,3 +103,53 @@ def test_resumed_strategy_ends_where_the_uninterrupted_one_does(make_cfg):
     assert all(torch.equal(final[n], expected[n]) for n in SHAPES)
     assert all(torch.equal(resumed.strategy.masks[n], straight.strategy.masks[n]) for n in MASKABLE)
     assert resumed.strategy.rng.getstate() == straight.strategy.rng.getstate()
+
+
+def corrupted(checkpoint: Checkpoint, path: str, value) -> Checkpoint:
+    """The checkpoint with the field at dotted `path` set to `value` (DROP: removed)."""
+    checkpoint.strategy["initial_masks"] = dict(checkpoint.strategy["initial_masks"])  # not an alias of masks
+    *parents, last = path[: -len(FC) - 1].split(".") + [FC] if path.endswith(FC) else path.split(".")
+    holder = checkpoint
+    for key in parents:
+        holder = getattr(holder, key) if isinstance(holder, Checkpoint) else holder[key]
+    if isinstance(holder, Checkpoint):
+        setattr(holder, last, value)
+    elif value is DROP:
+        del holder[last]
+    else:
+        holder[last] = value
+    return checkpoint
+
+
+DROP = object()
+FC = "fc1.weight"
+CORRUPTIONS = {
+    "round": "x", "arrays": [1, 2], "arrays.fc1.weight": [0.0, 1.0], "strategy": None, "strategy.masks": DROP,
+    f"strategy.masks.{FC}": torch.zeros(SHAPES[FC]), f"strategy.initial_masks.{FC}": "mask",
+    "strategy.mask_version": 1.5, "strategy.rng": DROP, "strategy.optimizer": {"m": {}}, "strategy.optimizer.m": [0],
+    "recorder": "r", "recorder.records": DROP, "recorder.cumulative": {"bogus": 1}, "recorder.elapsed": "long",
+}  # fmt: skip
+SHAPE_CORRUPTIONS = {
+    f"arrays.{FC}": torch.zeros(3), f"strategy.masks.{FC}": torch.zeros(3, dtype=torch.bool),
+    f"strategy.initial_masks.{FC}": torch.zeros(2, 2, dtype=torch.bool), f"strategy.optimizer.m.{FC}": torch.zeros(1),
+    "strategy.rng": (3, (1, 2), None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("field", CORRUPTIONS)
+def test_each_malformed_field_is_a_checkpoint_error_naming_it(make_cfg, tmp_path, field):
+    cfg = make_cfg(results_dir=str(tmp_path), num_server_rounds=10)
+    save_checkpoint(cfg, corrupted(small_checkpoint(), field, CORRUPTIONS[field]))
+    with pytest.raises(CheckpointError, match=re.escape(field.split(f".{FC}")[0])):
+        load_checkpoint(cfg)
+
+
+@pytest.mark.parametrize("field", SHAPE_CORRUPTIONS)
+def test_a_field_shaped_unlike_the_model_is_a_checkpoint_error_naming_it(make_cfg, tmp_path, field):
+    cfg = make_cfg(results_dir=str(tmp_path), num_server_rounds=10)
+    save_checkpoint(cfg, corrupted(small_checkpoint(), field, SHAPE_CORRUPTIONS[field]))
+    loaded = load_checkpoint(cfg)
+    strategy = make_strategy()
+    strategy.initialize(ArrayRecord(new_model().state_dict()))
+    with pytest.raises(CheckpointError, match=re.escape(field.split(f".{FC}")[0])):
+        strategy.load_state_dict(loaded.strategy, loaded.arrays)

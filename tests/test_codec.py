@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -337,7 +338,37 @@ def test_object_array_dense_bytes_are_unreadable():
     declared_object = Array(dtype="object", shape=(3,), stype=DENSE_STYPE, data=buffer.getvalue())
     assert_rejected(replaced("fc.bias", declared_object), "fc.bias", "dtype 'object'")
     lying = Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=buffer.getvalue())
-    assert_rejected(replaced("fc.bias", lying), "fc.bias", "unreadable")  # never unpickled
+    assert_rejected(replaced("fc.bias", lying), "fc.bias", "differs from the declared")  # never unpickled
+
+
+def npy_with_header(header: dict, body: bytes = b"") -> bytes:
+    """A .npy payload with a hand-written header (numpy's writer would refuse to lie)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + body
+
+
+def test_npy_header_declaring_a_huge_shape_is_rejected_before_allocating():
+    data = npy_with_header({"descr": "<f4", "fortran_order": False, "shape": (2**29,)})  # 2 GiB if believed
+    assert len(data) < 200
+    tracemalloc.start()
+    assert_rejected(replaced("fc.bias", Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=data)), "fc.bias", "payload shape")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("body", [b"", b"\0" * 8, b"\0" * 16], ids=["empty", "short", "long"])
+def test_npy_body_of_the_wrong_size_is_rejected(body):
+    data = npy_with_header({"descr": "<f4", "fortran_order": False, "shape": (3,)}, body)
+    assert_rejected(replaced("fc.bias", Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=data)), "fc.bias", "data bytes")
+
+
+def test_fortran_order_npy_reads_as_numpy_would():
+    values = np.asfortranarray(np.arange(12, dtype="<f4").reshape(3, 4))
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    assert np.array_equal(codec.read_npy("w", buffer.getvalue(), np.dtype("<f4"), (3, 4)), values)
 
 
 # --------------------------------------------------------------------------- mask records

@@ -1,6 +1,7 @@
-"""Deployment: certificates from deploy/certs.py, and FedDST on a real SuperLink + 2
-SuperNodes on loopback with TLS (deploy/local.py), 2 rounds with a readjustment round;
-our payload byte counts against the SuperLink's own traffic figure."""
+"""Deployment: certificates and node keys from deploy/certs.py, and FedDST on a real
+SuperLink + 2 enrolled SuperNodes on loopback with TLS and SuperNode authentication
+(deploy/local.py), 2 rounds with a readjustment round; a SuperNode with the CA certificate but
+no enrolled key is refused; our payload byte counts against the SuperLink's own traffic."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cryptography import x509
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
 import local  # noqa: E402
-from certs import create_certificates  # noqa: E402
+from certs import create_certificates, create_node_key  # noqa: E402
 
 PORT = 39600  # SuperLink; SuperNodes on 39601, 39602
 NODES = 2
@@ -70,9 +71,42 @@ def deployment(tmp_path):
         assert pids and not any(local.alive(pid) for pid in pids)
 
 
+def test_node_keys_are_openssh_ec_pairs(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    private, public = create_node_key(tmp_path / "node")
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and oct(private.stat().st_mode & 0o777) == "0o600"
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+
+
+def online_nodes(home: str) -> list[str]:
+    return [node["node-id"] for node in flwr(home, "supernode", "list", local.FEDERATION)["nodes"] if node["status"] == "online"]
+
+
+def refused_intruder(state: Path, ca: Path, timeout: float = 60) -> str:
+    """Start a SuperNode with the CA certificate and a key that was never enrolled; wait for
+    it to exit and return its log."""
+    key, _ = create_node_key(state / "keys" / "intruder")
+    pid = local.start_supernode(state, PORT, NODES, NODES + 1, ca, key)
+    deadline = time.time() + timeout
+    while local.alive(pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not local.alive(pid), "an unenrolled SuperNode is still running"
+    return (state / "logs" / f"supernode-{NODES}.log").read_text()
+
+
 def test_feddst_on_superlink_and_supernodes_with_tls(deployment, tmp_path):
     home = deployment["flwr_home"]
     assert "root-certificates" in Path(home, "config.toml").read_text()
+    deadline = time.time() + 60
+    while len(online_nodes(home)) < NODES and time.time() < deadline:
+        time.sleep(1)
+    assert len(online_nodes(home)) == NODES
+    log = refused_intruder(tmp_path / "state", tmp_path / "state" / "certificates" / "ca.crt")
+    assert "Failed to activate SuperNode" in log
+    assert len(online_nodes(home)) == NODES  # the intruder never joined
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**RUN_CONFIG, "results-dir": str(tmp_path)}.items())
     run_id = str(flwr(home, "run", ".", local.FEDERATION, "--run-config", config)["run-id"])
     run = wait_for_run(home, run_id)

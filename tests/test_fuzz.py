@@ -19,7 +19,7 @@ NAMES = sorted(good_record(send_mask=True))  # every layer and bitmask key of a 
 DTYPES = ["float32", "float16", "float64", "int64", "bool", "object", "uint8", "<f4", ">f4", "", "garbage"]
 STYPES = [codec.VALUES_STYPE, codec.BITMASK_STYPE, codec.DENSE_STYPE, "", "numpy.ndarray.evil"]
 PEAK_LIMIT = 1 << 20  # bytes; the valid payload is about 200 bytes
-FUZZ = settings(max_examples=300, deadline=500, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=500, deadline=500, suppress_health_check=[HealthCheck.too_slow])
 
 shapes = st.lists(st.one_of(st.integers(0, 20), st.sampled_from([2**31, 2**40, -1])), max_size=5).map(tuple)
 
@@ -76,6 +76,14 @@ def decode_within_memory(record: ArrayRecord, held) -> None:
 @FUZZ
 @given(mutated_payloads())
 def test_mutated_payloads_only_raise_codec_error(payload):
+    record, hold_mask = payload
+    decode_within_memory(record, make_masks() if hold_mask else None)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=10_000)
+@given(mutated_payloads())
+def test_mutated_payloads_slow(payload):
     record, hold_mask = payload
     decode_within_memory(record, make_masks() if hold_mask else None)
 

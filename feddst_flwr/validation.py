@@ -1,0 +1,247 @@
+"""Reply validation for every strategy (FedDST and Flower's own): a reply is used only if it
+answers the instruction its node was sent, record for record and metric for metric; one bad
+reply is turned into an error reply (the strategy drops it like a failed node) and the round
+goes on. After aggregation the new global model must be finite, else the round is discarded.
+
+`guarded(FedAvg)(...)` is FedAvg behind this guard; `build_strategy` guards every strategy."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from .codec import DENSE_STYPE, CodecError, decode_dense, is_sparse
+
+REJECTED_CODE = 4010  # Error.code of a reply the server refused (the reason follows)
+ARRAYS_KEY, METRICS_KEY, GRADIENTS_KEY = "arrays", "metrics", "gradients"
+ECHOED = ("server-round", "mask-version")  # instruction keys a reply must carry back unchanged
+
+# kind, low, high (None: unbounded) of every metric a client reports; see `check_number`
+REPLY_METRICS: dict[str, tuple[type, float, float | None]] = {
+    "num-examples": (int, 1, None),  # the upper bound is the run's max-num-examples
+    "train-loss": (float, 0.0, None),
+    "mask-entered": (int, 0, None),
+    "upload-bytes": (int, 0, None),
+    "download-bytes": (int, 0, None),
+    "server-round": (int, 0, None),
+    "mask-version": (int, 0, None),
+}
+
+
+def check_number(where: str, key: str, value: Any, kind: type, low: float, high: float | None) -> None:
+    """`value` is an int (or, for kind float, an int or float), finite and in [low, high];
+    CodecError names `where` and `key` otherwise."""
+    allowed = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise CodecError(f"{where} '{key}' = {value!r}: expected {kind.__name__}")
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        raise CodecError(f"{where} '{key}' = {value!r}: expected in [{low}, {high if high is not None else 'inf'}]")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What a node was asked, and so what its reply must hold."""
+
+    echo: dict[str, int]  # ECHOED keys of the instruction's config
+    array_records: frozenset[str]
+    sparse: bool  # FedDST's payload: values (and bitmasks) that the strategy decodes
+    dense: dict[str, tuple[str, tuple[int, ...]]]  # dtype and shape of each dense array sent
+
+    @classmethod
+    def of(cls, message: Message) -> Instruction:
+        config = message.content.config_records.get("config", ConfigRecord())
+        echo = {key: config[key] for key in ECHOED if key in config}
+        records = {ARRAYS_KEY} | ({GRADIENTS_KEY} if config.get("upload-gradients", 0) else set())
+        arrays = message.content.array_records.get(ARRAYS_KEY, ArrayRecord())
+        dense = {name: (a.dtype, tuple(a.shape)) for name, a in arrays.items() if a.stype == DENSE_STYPE}
+        return cls(echo, frozenset(records), is_sparse(arrays), dense)
+
+
+def check_reply(reply: Message, instruction: Instruction, max_num_examples: int) -> None:
+    """The reply's records, metrics and (dense) arrays answer `instruction`; CodecError names
+    the first problem. Sparse values are FedDST's to decode (`codec.decode`)."""
+    content = reply.content
+    records = {
+        "array": sorted(content.array_records), "config": sorted(content.config_records),
+        "metric": sorted(content.metric_records),
+    }  # fmt: skip
+    expected = {"array": sorted(instruction.array_records), "config": [], "metric": [METRICS_KEY]}
+    if records != expected:
+        raise CodecError(f"reply records {records}, expected {expected}")
+    check_metrics(content.metric_records[METRICS_KEY], instruction, max_num_examples)
+    check_dense(content.array_records[ARRAYS_KEY], instruction)
+
+
+def check_metrics(metrics: MetricRecord, instruction: Instruction, max_num_examples: int) -> None:
+    """Exactly the expected metric keys, each in range; echoed keys equal the instruction's."""
+    expected = {key for key in REPLY_METRICS if key not in ECHOED} | set(instruction.echo)
+    if set(metrics) != expected:
+        raise CodecError(f"reply metrics {sorted(metrics)}, expected {sorted(expected)}")
+    for key in sorted(expected):
+        kind, low, high = REPLY_METRICS[key]
+        check_number("reply metric", key, metrics[key], kind, low, max_num_examples if key == "num-examples" else high)
+    for key, value in instruction.echo.items():
+        if metrics[key] != value:
+            raise CodecError(f"reply answers {key} {metrics[key]}, this round sent {value} (stale or misdirected)")
+
+
+def check_dense(record: ArrayRecord, instruction: Instruction) -> None:
+    """The dense arrays come back with the dtypes they were sent with; a dense reply holds
+    exactly the arrays sent, with their shapes, finite (FedDST's decoder checks the rest)."""
+    if not instruction.sparse and set(record) != set(instruction.dense):
+        raise CodecError(f"reply arrays {sorted(record)}, expected {sorted(instruction.dense)}")
+    for name, (dtype, shape) in instruction.dense.items():
+        if name in record and record[name].dtype != dtype:
+            raise CodecError(f"layer '{name}': dtype '{record[name].dtype}', expected '{dtype}'")
+        if not instruction.sparse:
+            decode_dense(name, record[name], shape)
+
+
+def update_norm(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of new - old over the floating-point arrays of `old`."""
+    squares = (
+        float(np.sum((new[name].astype(np.float64) - value) ** 2))
+        for name, value in old.items() if np.issubdtype(value.dtype, np.floating)
+    )  # fmt: skip
+    return math.sqrt(sum(squares))
+
+
+def outliers(norms: list[float], factor: float) -> list[str | None]:
+    """Per update norm, why it is refused (above `factor` x the median), else None; factor
+    0 refuses nothing, and a lone reply has no peers to compare with."""
+    if factor <= 0 or len(norms) < 2:
+        return [None] * len(norms)
+    median = statistics.median(norms)
+    return [
+        f"update norm {norm:.4g} exceeds max-update-norm {factor} x the round's median {median:.4g}"
+        if norm > factor * median else None
+        for norm in norms
+    ]  # fmt: skip
+
+
+def finite(arrays: ArrayRecord) -> bool:
+    """Every floating-point array of a (dense) ArrayRecord is finite."""
+    return all(np.isfinite(a.numpy()).all() for a in arrays.values() if np.issubdtype(np.dtype(a.dtype), np.floating))
+
+
+def same_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """`arrays` with the dtypes of `reference` (FedAdam's step returns float64 arrays)."""
+    changed = {
+        name: Array(array.numpy().astype(reference[name].dtype))
+        for name, array in arrays.items() if name in reference and array.dtype != reference[name].dtype
+    }  # fmt: skip
+    return ArrayRecord({**{name: arrays[name] for name in arrays}, **changed}) if changed else arrays
+
+
+@dataclass
+class Health:
+    """What validation did in the current round."""
+
+    rejected: list[str] = field(default_factory=list)  # "node N: reason", one per refused reply
+    discarded: bool = False  # the aggregate was not finite: the model stayed as it was
+
+
+class ReplyGuard(Strategy):
+    """The guard around a strategy's training rounds: replies are checked against the
+    instruction each node got, update-norm outliers are refused (max_update_norm), and a
+    non-finite aggregate is discarded together with the strategy's state. A subclass
+    implements `_configure_train` and `_aggregate_train`; `guarded(cls)` does it for
+    Flower's strategies."""
+
+    max_num_examples: int = 1_000_000
+    max_update_norm: float = 0.0  # multiple of the round's median update norm; 0: off
+    health: Health = Health()  # replaced every round (see configure_train)
+    _sent: dict[int, Message] = {}  # node id -> this round's instruction
+    _global: ArrayRecord = ArrayRecord()  # this round's global model
+
+    def _configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        raise NotImplementedError
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The strategy's messages, remembered as the instructions replies must answer."""
+        self.health = Health()
+        messages = list(self._configure_train(server_round, arrays, config, grid))
+        self._sent = {m.metadata.dst_node_id: m for m in messages}
+        self._global = arrays
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The strategy's aggregate of the screened replies, if it is finite."""
+        replies = self.screen(list(replies))
+        kept = {k: v for k, v in vars(self).items() if k not in ("health", "_sent", "_global")}
+        before = copy.deepcopy(kept)
+        arrays, metrics = self._aggregate_train(server_round, replies)
+        if arrays is not None and not finite(arrays):
+            vars(self).update(before)
+            self.health.discarded = True
+            log(WARNING, "aggregate_train: round %d discarded, the aggregated model is not finite", server_round)
+            return None, None
+        return (None if arrays is None else same_dtypes(arrays, self._global)), metrics
+
+    def screen(self, replies: list[Message]) -> list[Message]:
+        """The replies, each refused one replaced by an error reply naming the reason."""
+        checked, answered = [], set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            sent = self._sent.get(node)
+            if sent is None or node in answered:
+                reason = "a second reply" if sent is not None else "a reply from a node that was not sent this round"
+                self.health.rejected.append(f"node {node}: {reason}")
+                log(WARNING, "rejected the reply of node %d: %s", node, reason)
+                continue
+            answered.add(node)
+            try:
+                if not reply.has_error():  # an error reply is the strategy's (a failed node)
+                    check_reply(reply, Instruction.of(sent), self.max_num_examples)
+                checked.append(reply)
+            except CodecError as err:
+                checked.append(self.refuse(sent, str(err)))
+        return self.refuse_outliers(checked)
+
+    def refuse(self, sent: Message, reason: str) -> Message:
+        """Log and count a refused reply; the error reply that replaces it."""
+        node = sent.metadata.dst_node_id
+        self.health.rejected.append(f"node {node}: {reason}")
+        log(WARNING, "rejected the reply of node %d: %s", node, reason)
+        return Message(Error(code=REJECTED_CODE, reason=f"rejected by the server: {reason}"), reply_to=sent)
+
+    def refuse_outliers(self, replies: list[Message]) -> list[Message]:
+        """Dense replies whose update norm is an outlier (max_update_norm); FedDST bounds
+        its sparse updates after decoding them."""
+        if self.max_update_norm <= 0:
+            return replies
+        dense = [i for i, r in enumerate(replies) if not r.has_error() and not is_sparse(r.content[ARRAYS_KEY])]
+        old = {name: array.numpy() for name, array in self._global.items()}
+        norms = [update_norm({n: a.numpy() for n, a in replies[i].content[ARRAYS_KEY].items()}, old) for i in dense]
+        for i, reason in zip(dense, outliers(norms, self.max_update_norm)):
+            if reason is not None:
+                replies[i] = self.refuse(self._sent[replies[i].metadata.src_node_id], reason)
+        return replies
+
+
+def guarded(cls: type[Strategy]) -> type[Strategy]:
+    """Flower's strategy `cls` behind ReplyGuard: `guarded(FedAvg)(fraction_train=0.5)`."""
+    hooks = {"_configure_train": cls.configure_train, "_aggregate_train": cls.aggregate_train, "__module__": __name__}
+    return type(f"Guarded{cls.__name__}", (ReplyGuard, cls), hooks)
