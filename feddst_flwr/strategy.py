@@ -357,6 +357,10 @@ class FedDST(ReplyGuard):
         metrics); CodecError names the problem."""
         content = reply.content
         num_examples = int(content.metric_records["metrics"][self.weighted_by_key])
+        values = content.array_records[self.arrayrecord_key]
+        for name in self.maskable:
+            if name in values and values[name].dtype != self.value_dtype:
+                raise CodecError(f"layer '{name}': values of dtype '{values[name].dtype}', value-dtype is '{self.value_dtype}'")
         decoded = decode(content.array_records[self.arrayrecord_key], self.shapes, self.maskable, self.masks)
         for name, mask in decoded.masks.items():
             if int(mask.sum()) > self.counts[name]:

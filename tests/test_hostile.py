@@ -242,6 +242,7 @@ CASES = {
     "NaN value": (2, layer("fc1.weight", poke(at(3, np.nan))), "NaN", SPARSE),
     "wrong value count": (2, layer("fc1.weight", lambda a: raw("float32", tuple(a.shape), a.data[:-4], VALUES_STYPE)), "values but the mask", SPARSE),
     "float64 values": (2, layer("fc1.weight", poke(lambda v: v.astype("<f8"))), "dtype", SPARSE),
+    "float16 values, float32 configured": (2, layer("fc1.weight", poke(lambda v: v.astype("<f2"))), "value-dtype", SPARSE),
     "short bitmask": (2, remasked(swap_one, "fc1.weight:mask", raw("bool", (0,), b"\x00", BITMASK_STYPE)), "bitmask", SPARSE),
     "popcount != values": (2, remasked(grow_one, "fc1.weight", None), "values but the mask", SPARSE),
     "mask denser than S": (2, remasked(grow_one), "allows", SPARSE),
