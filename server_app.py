@@ -34,8 +34,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg, maskable_names(model))
     mask_state = (lambda: (strategy.masks, strategy.stats)) if isinstance(strategy, FedDST) else None
     test_data = to_tensors(cfg.dataset, raw.x_test, raw.y_test)
+    initial_arrays = ArrayRecord(model.state_dict())  # on the CPU; the recorder moves the model to cfg.device
     recorder = RoundRecorder(cfg, model, test_data, client_weights, server_grid, mask_state, lambda: strategy.health)
-    run = {"grid": server_grid, "initial_arrays": ArrayRecord(model.state_dict()),
+    run = {"grid": server_grid, "initial_arrays": initial_arrays,
            "num_rounds": cfg.num_server_rounds, "timeout": cfg.round_timeout}  # fmt: skip
     if not isinstance(strategy, FedDST):  # Flower's own loop; no checkpoints (see config)
         strategy.start(**run, evaluate_fn=recorder)

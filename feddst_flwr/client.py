@@ -14,7 +14,7 @@ from .codec import CodecError, carries_mask, decode, encode, is_sparse, masks_fr
 from .config import ExperimentConfig
 from .data import TensorData
 from .masks import Masks, active, difference, maskable_names, seeded_generator, shapes_of
-from .training import Readjustment, dense_gradients, readjust_epoch, train
+from .training import Readjustment, dense_gradients, readjust_epoch, resolve_device, train
 from .validation import ECHOED, GRADIENTS_KEY, check_number
 
 MASK_STATE_KEY = "feddst-mask"  # Context.state: the global mask this node holds
@@ -89,6 +89,11 @@ def receive(
     return decoded.state, decoded.masks
 
 
+def on(masks: Masks | None, device: torch.device) -> Masks | None:
+    """The masks on `device` (None stays None)."""
+    return None if masks is None else {name: mask.to(device) for name, mask in masks.items()}
+
+
 def injected_failure(cfg: ExperimentConfig, config: ConfigRecord, partition_id: int) -> bool:
     """Whether this node fails this round on purpose (client-failure-rate, for fault tests);
     drawn from (seed, round, partition-id), so a run's failures are reproducible."""
@@ -110,7 +115,9 @@ def client_round(
     """Run one training round on a node and build its reply. The node's data order and
     tie-breaking draw from (seed, round, partition-id): clients of one round differ."""
     state, masks = receive(model, arrays, config, node_state)
-    model.load_state_dict(state)
+    device = resolve_device(cfg.device)
+    model.to(device).load_state_dict(state)
+    data = data.to(device)
 
     generator = seeded_generator(cfg.seed, int(config["server-round"]), partition_id)
     alpha_r = float(config.get("readjust-alpha", 0.0))
@@ -120,20 +127,22 @@ def client_round(
         else None
     )
     local = train(
-        model, data, masks,
+        model, data, on(masks, device),
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, proximal_mu=float(config.get("proximal-mu", 0.0)), generator=generator,
         readjust=readjust,
     )  # fmt: skip
-    entered = active(difference(local.masks, masks)) if masks is not None else 0
+    local_masks = on(local.masks, torch.device("cpu"))
+    entered = active(difference(local_masks, masks)) if masks is not None else 0
 
     weights = model.state_dict()
-    reply = encode(weights, local.masks, entered > 0, cfg.value_dtype) if masks is not None else ArrayRecord(weights)
+    weights = {name: tensor.cpu() for name, tensor in weights.items()}
+    reply = encode(weights, local_masks, entered > 0, cfg.value_dtype) if masks is not None else ArrayRecord(weights)
     gradients = None
     if int(config.get("upload-gradients", 0)):  # PruneFL reconfiguration round
         names = maskable_names(model)
         squared = dense_gradients(model, data, names, cfg.grow_batches, cfg.batch_size, generator, squared=True)
-        gradients = ArrayRecord(squared)
+        gradients = ArrayRecord({name: tensor.cpu() for name, tensor in squared.items()})
     metrics = MetricRecord(
         {
             "num-examples": len(data),

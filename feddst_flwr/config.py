@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from .aggregation import SERVER_OPTIMIZERS
 from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme
 from .models import MODELS
-from .training import READJUST_AT
+from .training import DEVICES, READJUST_AT
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "feddst", "feddst-prox", "randommask", "prunefl")
 SPARSE_STRATEGIES = ("feddst", "feddst-prox", "randommask", "prunefl")
@@ -55,6 +55,7 @@ class ExperimentConfig:
     checkpoint_every: int
     resume: bool
     value_dtype: str
+    device: str
     dataset: str
     data_dir: str
     cache_dir: str
@@ -159,6 +160,7 @@ class ExperimentConfig:
              f"0 for Flower's baseline strategies (checkpoints: {SPARSE_STRATEGIES})"),
             (self.is_sparse or not self.resume, "resume", f"false for Flower's baseline strategies (resume: {SPARSE_STRATEGIES})"),
             (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {VALUE_DTYPES}"),
+            (self.device in DEVICES, "device", f"one of {DEVICES} (auto: CUDA when available)"),
             (self.dataset in DATASETS, "dataset", f"one of {DATASETS}"),
             (self.partition in PARTITIONS, "partition", f"one of {PARTITIONS}"),
             (self.num_partitions >= 0, "num-partitions", ">= 0 (0: the number of connected nodes)"),

@@ -65,6 +65,9 @@ class TensorData:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: torch.device) -> TensorData:
+        return TensorData(self.x.to(device), self.y.to(device))
+
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: load_raw's cached object keys partitions()
 class RawDataset:

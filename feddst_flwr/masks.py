@@ -91,11 +91,11 @@ def top_k_mask(
 ) -> torch.Tensor:
     """Bool mask of the k largest scores. Ties go to more votes (when given), then to a
     random key drawn from `generator`: never to a position's index."""
-    order = torch.randperm(scores.numel(), generator=generator)  # the random key
+    order = torch.randperm(scores.numel(), generator=generator).to(scores.device)  # the random key
     for key in (votes, scores):  # stable sorts, least significant key first
         if key is not None:
             order = order[torch.argsort(key.flatten()[order], descending=True, stable=True)]
-    flat = torch.zeros(scores.numel(), dtype=torch.bool)
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     flat[order[:k]] = True
     return flat.view(scores.shape)
 

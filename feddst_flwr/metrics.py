@@ -22,7 +22,7 @@ from .data import TensorData, client_mean_accuracy
 from .grid import ServerGrid, Traffic
 from .masks import MASKABLE_MODULES, Masks, densities, total_density, weight_name
 from .strategy import RoundStats
-from .training import evaluate
+from .training import evaluate, resolve_device
 from .validation import Health
 
 
@@ -45,7 +45,7 @@ def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
     ]
     with torch.no_grad():
         model.eval()
-        model(torch.zeros(1, *model.input_shape))
+        model(torch.zeros(1, *model.input_shape, device=next(model.parameters()).device))
     for handle in hooks:
         handle.remove()
     return 2 * macs
@@ -67,8 +67,9 @@ class RoundRecorder:
         health: Callable[[], Health] = Health,
     ) -> None:
         self.cfg = cfg
-        self.model = model
-        self.test_data = test_data
+        device = resolve_device(cfg.device)
+        self.model = model.to(device)  # the server evaluates on the run's device
+        self.test_data = test_data.to(device)
         self.client_weights = client_weights
         self.grid = grid
         self.mask_state = mask_state

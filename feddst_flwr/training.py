@@ -18,11 +18,21 @@ def batches(data: TensorData, batch_size: int, generator: torch.Generator | None
     """Yield (x, y) minibatches, reshuffled on every call when a generator is given."""
     order = torch.randperm(len(data), generator=generator) if generator is not None else torch.arange(len(data))
     for start in range(0, len(data), batch_size):
-        index = order[start : start + batch_size]
+        index = order[start : start + batch_size].to(data.y.device)
         yield data.x[index], data.y[index]
 
 
 READJUST_AT = ("end", "last-epoch", "mid")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for the run config's `device`: auto is CUDA when available, else CPU."""
+    if name not in DEVICES:
+        raise ValueError(f"device '{name}' not in {DEVICES}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but torch finds no CUDA device (use 'auto' or 'cpu')")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def readjust_epoch(readjust_at: str, epochs: int) -> int:
@@ -160,12 +170,12 @@ def evaluate(model: nn.Module, data: TensorData, num_classes: int, batch_size: i
     """Evaluate a model on a dataset in one pass."""
     model.eval()
     loss = 0.0
-    correct = torch.zeros(num_classes, dtype=torch.long)
+    correct = torch.zeros(num_classes, dtype=torch.long, device=data.y.device)
     for x, y in batches(data, batch_size, None):
         logits = model(x)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += torch.bincount(y[logits.argmax(1) == y], minlength=num_classes)
-    total = torch.bincount(data.y, minlength=num_classes).numpy()
+    total = torch.bincount(data.y, minlength=num_classes).cpu().numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
-        class_accuracy = correct.numpy() / total
+        class_accuracy = correct.cpu().numpy() / total
     return Evaluation(loss / len(data), int(correct.sum()) / len(data), class_accuracy)
