@@ -107,12 +107,12 @@ def check_fields(fields: dict[str, Any]) -> None:
     _expect(fields["round"], int, "round")
     _tensors(fields["arrays"], "arrays")
     strategy, recorder = fields["strategy"], fields["recorder"]
-    for holder, prefix, spec in (("strategy", "strategy", STRATEGY_FIELDS), ("recorder", "recorder", RECORDER_FIELDS)):
-        _expect(fields[holder], dict, prefix)
+    for holder, spec in (("strategy", STRATEGY_FIELDS), ("recorder", RECORDER_FIELDS)):
+        _expect(fields[holder], dict, holder)
         for key, kind in spec.items():
             if key not in fields[holder]:
-                raise CheckpointError(f"checkpoint field '{prefix}.{key}' is missing")
-            _expect(fields[holder][key], kind, f"{prefix}.{key}")
+                raise CheckpointError(f"checkpoint field '{holder}.{key}' is missing")
+            _expect(fields[holder][key], kind, f"{holder}.{key}")
     _tensors(strategy["masks"], "strategy.masks", torch.bool)
     _tensors(strategy["initial_masks"], "strategy.initial_masks", torch.bool)
     for key in ("m", "v"):

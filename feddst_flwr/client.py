@@ -58,8 +58,9 @@ def check_config(config: ConfigRecord, sparse: bool) -> None:
     """Validate the server's round config; CodecError names the bad key."""
     required = {"server-round": (int, 0, None)} | ({"mask-version": (int, 0, None)} if sparse else {})
     optional = {"readjust-alpha": (float, 0.0, 1.0), "proximal-mu": (float, 0.0, None), "upload-gradients": (int, 0, 1)}
-    for key in sorted(set(required) - set(config)):
-        raise CodecError(f"server config lacks '{key}'")
+    missing = sorted(set(required) - set(config))
+    if missing:
+        raise CodecError(f"server config lacks '{missing[0]}'")
     for key, bounds in {**required, **optional}.items():
         if key in config:
             check_number("server config", key, config[key], *bounds)

@@ -60,7 +60,11 @@ def reported_bytes(metrics: MetricRecord, key: str) -> int:
     """A byte count a client reports, 0 unless it is a non-negative int (the strategy's
     reply guard rejects such a reply; the meter must not crash on it first)."""
     value = metrics.get(key, 0)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    try:
+        check_number("reply metric", key, value, int, 0, None)
+    except CodecError:
+        return 0
+    return value
 
 
 class ServerGrid(Grid):

@@ -301,12 +301,13 @@ class FedDST(ReplyGuard):
             nodes.append(node_id)
         for node_id in sorted(pending):
             self._fail(node_id, "no reply (failed, timed out or lost)")
-        old = {name: tensor.numpy() for name, tensor in self.global_state.items()}
-        norms = [update_norm({name: t.numpy() for name, t in u.state.items()}, old) for u in updates]
-        for i, reason in reversed(list(enumerate(outliers(norms, self.max_update_norm)))):
-            if reason is not None:
-                self._fail(nodes[i], reason, refused=True)
-                del updates[i], contents[i], nodes[i]
+        if self.max_update_norm > 0:  # off by default: no norms computed
+            old = {name: tensor.numpy() for name, tensor in self.global_state.items()}
+            norms = [update_norm({name: t.numpy() for name, t in u.state.items()}, old) for u in updates]
+            for i, reason in reversed(list(enumerate(outliers(norms, self.max_update_norm)))):
+                if reason is not None:
+                    self._fail(nodes[i], reason, refused=True)
+                    del updates[i], contents[i], nodes[i]
         for node_id in nodes:
             self.delivered[node_id] = self.mask_version
         if len(updates) < math.ceil(self.min_fit_fraction * len(self.sampled)) or not updates:
@@ -345,8 +346,9 @@ class FedDST(ReplyGuard):
         self.delivered.pop(node_id, None)
         self.stats.failures.append(f"node {node_id}: {reason}")
         if refused:
-            self.health.rejected.append(f"node {node_id}: {reason}")
-        log(WARNING, "aggregate_train: %s node %d: %s", "rejected" if refused else "lost", node_id, reason)
+            self.reject(node_id, reason)
+        else:
+            log(WARNING, "aggregate_train: lost node %d: %s", node_id, reason)
 
     def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
         """The next global mask after aggregation: FedDST keeps the re-pruned one."""

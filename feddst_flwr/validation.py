@@ -45,7 +45,7 @@ def check_number(where: str, key: str, value: Any, kind: type, low: float, high:
     allowed = (int, float) if kind is float else (int,)
     if isinstance(value, bool) or not isinstance(value, allowed):
         raise CodecError(f"{where} '{key}' = {value!r}: expected {kind.__name__}")
-    if not math.isfinite(value) or value < low or (high is not None and value > high):
+    if isinstance(value, float) and not math.isfinite(value) or value < low or (high is not None and value > high):
         raise CodecError(f"{where} '{key}' = {value!r}: expected in [{low}, {high if high is not None else 'inf'}]")
 
 
@@ -207,9 +207,7 @@ class ReplyGuard(Strategy):
             node = reply.metadata.src_node_id
             sent = self._sent.get(node)
             if sent is None or node in answered:
-                reason = "a second reply" if sent is not None else "a reply from a node that was not sent this round"
-                self.health.rejected.append(f"node {node}: {reason}")
-                log(WARNING, "rejected the reply of node %d: %s", node, reason)
+                self.reject(node, "a second reply" if sent is not None else "a reply from a node that was not sent this round")
                 continue
             answered.add(node)
             try:
@@ -220,11 +218,14 @@ class ReplyGuard(Strategy):
                 checked.append(self.refuse(sent, str(err)))
         return self.refuse_outliers(checked)
 
-    def refuse(self, sent: Message, reason: str) -> Message:
-        """Log and count a refused reply; the error reply that replaces it."""
-        node = sent.metadata.dst_node_id
+    def reject(self, node: int, reason: str) -> None:
+        """Count and log one reply refused by validation."""
         self.health.rejected.append(f"node {node}: {reason}")
         log(WARNING, "rejected the reply of node %d: %s", node, reason)
+
+    def refuse(self, sent: Message, reason: str) -> Message:
+        """Reject the reply to `sent`; the error reply that replaces it."""
+        self.reject(sent.metadata.dst_node_id, reason)
         return Message(Error(code=REJECTED_CODE, reason=f"rejected by the server: {reason}"), reply_to=sent)
 
     def refuse_outliers(self, replies: list[Message]) -> list[Message]:
