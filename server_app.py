@@ -3,15 +3,16 @@ meter and the per-round recorder."""
 
 import random
 from functools import partial
-from logging import INFO
+from logging import ERROR, INFO
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from feddst_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from feddst_flwr.config import ExperimentConfig
-from feddst_flwr.data import client_test_weights, load_raw, partitions, to_tensors
+from feddst_flwr.config import ConfigError, ExperimentConfig
+from feddst_flwr.data import PartitionScheme, RawDataset, client_test_weights, load_raw, partitions, to_tensors
 from feddst_flwr.masks import maskable_names
 from feddst_flwr.grid import ServerGrid, partition_ids
 from feddst_flwr.metrics import RoundRecorder
@@ -30,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
     server_grid = ServerGrid(grid, partition_ids(grid))  # stable node order: reproducible sampling
     scheme = cfg.partition_scheme(cfg.num_partitions or len(list(grid.get_node_ids())))
-    client_weights = client_test_weights(raw, partitions(raw, scheme), scheme, cfg.num_classes)
+    client_weights = client_test_weights(raw, federation_partitions(raw, scheme, cfg), scheme, cfg.num_classes)
     strategy = build_strategy(cfg, maskable_names(model))
     mask_state = (lambda: (strategy.masks, strategy.stats)) if isinstance(strategy, FedDST) else None
     test_data = to_tensors(cfg.dataset, raw.x_test, raw.y_test)
@@ -45,6 +46,21 @@ def main(grid: Grid, context: Context) -> None:
     if resume is not None:
         recorder.load_state_dict(resume.recorder)
     strategy.start(**run, evaluate_fn=partial(after_round, cfg, strategy, recorder), resume=resume)
+
+def federation_partitions(raw: RawDataset, scheme: PartitionScheme, cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
+    """The clients' training indices; a federation too small for the partition is a
+    ConfigError that says how to fix it, logged as one line before Flower's traceback."""
+    try:
+        return partitions(raw, scheme)
+    except ValueError as err:
+        size = "num-partitions" if cfg.num_partitions else f"the federation's {scheme.num_partitions} SuperNodes"
+        message = (
+            f"cannot split {cfg.dataset} over {size}: {err}. Flower's default local simulation has 2 "
+            'SuperNodes; the README runs with --federation-config "num-supernodes=50 client-resources-num-cpus=1"'
+        )
+        log(ERROR, "feddst-flwr: %s", message)
+        raise ConfigError(message) from err
+
 
 def after_round(
     cfg: ExperimentConfig, strategy: FedDST, recorder: RoundRecorder, server_round: int, arrays: ArrayRecord

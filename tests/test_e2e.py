@@ -39,6 +39,14 @@ def flwr_run(home: Path, results: Path, run_name: str, overrides: dict, preset: 
         Path(run_config).write_text(tomli_w.dumps(merged))
     else:
         run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    done = flwr_stream(home, run_config)
+    path = results / run_name / "metrics.jsonl"
+    assert done.returncode == 0 and path.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def flwr_stream(home: Path, run_config: str) -> subprocess.CompletedProcess:
+    """`flwr run --stream` of this app on the SuperLink of `home`; its output."""
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -47,13 +55,10 @@ def flwr_run(home: Path, results: Path, run_name: str, overrides: dict, preset: 
         "FLWR_LOCAL_CONTROL_API_PORT": str(int(PORT) + 2),
     }
     flwr = Path(sys.executable).with_name("flwr")
-    done = subprocess.run(
+    return subprocess.run(
         [str(flwr), "run", str(ROOT), "--run-config", run_config, "--stream"],
         env=env, capture_output=True, text=True, timeout=400,
     )
-    path = results / run_name / "metrics.jsonl"
-    assert done.returncode == 0 and path.exists(), done.stdout[-3000:] + done.stderr[-3000:]
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +269,12 @@ def test_prunefl_counts_its_dense_uploads(flwr_home, tmp_path):
     assert records[1]["mask-entered"] > 0 and records[1]["density"] == records[0]["density"]
     assert records[2]["upload-bytes"] == NODES * base  # no reconfiguration after r-end
     assert records[2]["download-bytes"] == NODES * (base + bitmask)  # the new mask travels down once
+
+
+def test_too_small_federation_fails_with_one_clear_line(flwr_home, tmp_path):
+    """5 SuperNodes x 1 class cannot hold 10 classes: the ServerApp says so before anything runs."""
+    settings = {"classes-per-client": 1, "results-dir": str(tmp_path), "run-name": "small"}
+    done = flwr_stream(flwr_home, " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items()))
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "feddst-flwr: cannot split" in line]
+    assert lines and "the federation's 5 SuperNodes" in lines[0] and "num-supernodes=50" in lines[0], done.stdout[-3000:]
+    assert not (tmp_path / "small" / "metrics.jsonl").exists()
