@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .codec import CodecError, carries_mask, decode, encode, is_sparse, masks_from_record, masks_to_record, payload_bytes
+from .codec import (
+    CodecError, HeldMask, carries_mask, decode, encode, is_sparse, masks_from_record, masks_to_record, payload_bytes,
+)
 from .config import ExperimentConfig
 from .data import TensorData
 from .masks import Masks, active, difference, maskable_names, seeded_generator, shapes_of
@@ -39,13 +41,12 @@ class ClientResult:
         return RecordDict({"arrays": self.arrays, **extra, "metrics": self.metrics})
 
 
-def held_masks(state: RecordDict, version: int, shapes: dict[str, tuple[int, ...]]) -> Masks | None:
-    """The masks stored in the node's Context state if they are the wanted version."""
+def held_mask(state: RecordDict, shapes: dict[str, tuple[int, ...]]) -> HeldMask | None:
+    """The mask (and its version) stored in the node's Context state, if any."""
     if MASK_STATE_KEY not in state.array_records:
         return None
-    if state.config_records[VERSION_STATE_KEY]["version"] != version:
-        return None
-    return masks_from_record(state.array_records[MASK_STATE_KEY], shapes)
+    version = int(state.config_records[VERSION_STATE_KEY]["version"])
+    return HeldMask(masks_from_record(state.array_records[MASK_STATE_KEY], shapes), version)
 
 
 def store_masks(state: RecordDict, masks: Masks, version: int) -> None:
@@ -70,7 +71,8 @@ def receive(
     model: torch.nn.Module, arrays: ArrayRecord, config: ConfigRecord, node_state: RecordDict
 ) -> tuple[dict[str, torch.Tensor], Masks | None]:
     """Decode the server's payload (dense for baselines); a sparse one is decoded with the
-    bitmask it carries, which the node then keeps, or with the mask the node holds."""
+    mask it carries (in full, or as a delta from the mask the node holds), which the node
+    then keeps, or with the mask the node holds."""
     initial = model.state_dict()
     reference = shapes_of(initial, list(initial))
     check_config(config, is_sparse(arrays))
@@ -78,10 +80,10 @@ def receive(
         return decode(arrays, reference, [], None).state, None
     maskable = maskable_names(model)
     version = int(config["mask-version"])
-    held = held_masks(node_state, version, shapes_of(initial, maskable))
-    if held is None and not carries_mask(arrays):
+    held = held_mask(node_state, shapes_of(initial, maskable))
+    if not carries_mask(arrays) and (held is None or held.version != version):
         raise MissingMaskError(
-            f"{MISSING_MASK}: the server sent values for mask version {version} without its bitmask "
+            f"{MISSING_MASK}: the server sent values for mask version {version} without its mask "
             "and this node does not hold that version; it will get the mask next round"
         )
     decoded = decode(arrays, reference, maskable, held)
@@ -138,7 +140,8 @@ def client_round(
 
     weights = model.state_dict()
     weights = {name: tensor.cpu() for name, tensor in weights.items()}
-    reply = encode(weights, local_masks, entered > 0, cfg.value_dtype) if masks is not None else ArrayRecord(weights)
+    sent = HeldMask(masks, int(config["mask-version"])) if masks is not None else None  # the server holds it too
+    reply = encode(weights, local_masks, entered > 0, cfg.value_dtype, sent) if sent is not None else ArrayRecord(weights)
     gradients = None
     if int(config.get("upload-gradients", 0)):  # PruneFL reconfiguration round
         names = maskable_names(model)

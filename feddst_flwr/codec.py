@@ -3,8 +3,9 @@
 Per maskable layer `name`:
   `name`        stype `feddst.values`: the active weights in row-major mask order, raw
                 little-endian float32 (or float16) bytes; `shape` is the layer's shape.
-  `name:mask`   stype `feddst.bitmask`, only when the mask travels: np.packbits of the
-                flattened bool mask (1 bit per weight, zero padding bits).
+  `name:mask`   only when the mask travels: the layer's mask in whichever coding is
+                smallest for it (mask_coding.py): a plain bitmask, a range-coded mask, or
+                a range-coded delta from a mask version the receiver holds.
 Every other tensor is a plain `numpy.ndarray` Array, as Flower sends it.
 """
 
@@ -19,10 +20,10 @@ from numpy.lib import format as npy_format
 import torch
 from flwr.app import Array, ArrayRecord
 
+from .mask_coding import BITMASK_STYPE, MASK_STYPES, MaskCodingError, decode_mask, encode_mask
 from .masks import Masks, Shapes
 
 VALUES_STYPE = "feddst.values"
-BITMASK_STYPE = "feddst.bitmask"
 DENSE_STYPE = "numpy.ndarray"
 MASK_SUFFIX = ":mask"
 VALUE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -32,6 +33,14 @@ NPY_HEADER_LIMIT = 4096  # .npy header bytes allowed beyond the array data
 
 class CodecError(ValueError):
     """A payload does not match the model or is malformed; the message names the layer."""
+
+
+@dataclass(frozen=True)
+class HeldMask:
+    """The mask version a receiver holds: decodes payloads without a mask, and deltas."""
+
+    masks: Masks
+    version: int
 
 
 @dataclass
@@ -54,14 +63,19 @@ def is_sparse(record: ArrayRecord) -> bool:
 
 
 def carries_mask(record: ArrayRecord) -> bool:
-    """True if the record carries bitmasks."""
-    return any(array.stype == BITMASK_STYPE for array in record.values())
+    """True if the record carries masks."""
+    return any(array.stype in MASK_STYPES for array in record.values())
 
 
 def encode(
-    state: dict[str, torch.Tensor], masks: Masks, send_mask: bool, value_dtype: str = "float32"
+    state: dict[str, torch.Tensor],
+    masks: Masks,
+    send_mask: bool,
+    value_dtype: str = "float32",
+    base: HeldMask | None = None,
 ) -> ArrayRecord:
-    """Encode a state dict: masked layers as values (+ bitmask if send_mask), rest dense."""
+    """Encode a state dict: masked layers as values (+ their masks if send_mask, coded as a
+    delta from `base` where that is smallest; `base` is a mask the receiver holds), rest dense."""
     dtype = VALUE_DTYPES[value_dtype]
     record = ArrayRecord()
     for name, tensor in state.items():
@@ -74,30 +88,33 @@ def encode(
         shape = tuple(tensor.shape)
         record[name] = Array(dtype=value_dtype, shape=shape, stype=VALUES_STYPE, data=values.tobytes())
         if send_mask:
-            record[name + MASK_SUFFIX] = _pack_mask(masks[name])
+            held = base.masks[name].flatten().numpy() if base is not None else None
+            stype, data = encode_mask(flat_mask.numpy(), held, base.version if base is not None else 0)
+            record[name + MASK_SUFFIX] = Array(dtype="bool", shape=shape, stype=stype, data=data)
     return record
 
 
-def decode(record: ArrayRecord, reference: Shapes, maskable: list[str], held: Masks | None) -> Decoded:
+def decode(record: ArrayRecord, reference: Shapes, maskable: list[str], held: HeldMask | None) -> Decoded:
     """Decode and validate a payload against the model's shapes.
 
     `reference` holds every state-dict tensor's shape; `maskable` names the masked ones;
-    `held` is the mask the receiver already has (used when the payload carries none).
+    `held` is the mask the receiver already has (used when the payload carries none, and
+    as the base of deltas).
     """
     _check_names(record, reference, maskable)
     mask_keys = [name for name in maskable if name + MASK_SUFFIX in record]
     if mask_keys and len(mask_keys) != len(maskable):
         missing = sorted(set(maskable) - set(mask_keys))
-        raise CodecError(f"payload has bitmasks for some maskable layers but not for {missing}")
+        raise CodecError(f"payload has masks for some maskable layers but not for {missing}")
     mask_sent = bool(mask_keys)
     if maskable and not mask_sent and held is None:
-        raise CodecError("payload carries no bitmask and no mask is held to decode it")
+        raise CodecError("payload carries no mask and no mask is held to decode it")
     state, masks = {}, {}
     for name, shape in reference.items():
         if name not in maskable:
             state[name] = decode_dense(name, record[name], shape)
             continue
-        mask = _decode_mask(name, record[name + MASK_SUFFIX], shape) if mask_sent else held[name]
+        mask = _decode_mask(name, record[name + MASK_SUFFIX], shape, held) if mask_sent else held.masks[name]
         if tuple(mask.shape) != shape:
             raise CodecError(f"layer '{name}': held mask has shape {tuple(mask.shape)}, expected {shape}")
         state[name] = _decode_values(name, record[name], shape, mask)
@@ -159,20 +176,15 @@ def read_npy(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) ->
     return np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
-def _decode_mask(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
-    if array.stype != BITMASK_STYPE:
-        raise CodecError(f"layer '{name}': bitmask expected stype '{BITMASK_STYPE}', got '{array.stype}'")
+def _decode_mask(name: str, array: Array, shape: tuple[int, ...], held: HeldMask | None) -> torch.Tensor:
     if tuple(array.shape) != shape:
-        raise CodecError(f"layer '{name}': bitmask shape {tuple(array.shape)}, expected {shape}")
-    size = math.prod(shape)
-    if len(array.data) != math.ceil(size / 8):
-        raise CodecError(
-            f"layer '{name}': bitmask has {len(array.data)} bytes, expected {math.ceil(size / 8)} for {size} weights"
-        )
-    bits = np.unpackbits(np.frombuffer(array.data, dtype=np.uint8))
-    if bits[size:].any():
-        raise CodecError(f"layer '{name}': bitmask padding bits are not zero")
-    return torch.from_numpy(bits[:size].astype(bool)).view(shape)
+        raise CodecError(f"layer '{name}': mask shape {tuple(array.shape)}, expected {shape}")
+    base = held.masks[name].flatten().numpy() if held is not None and name in held.masks else None
+    try:
+        bits = decode_mask(array, math.prod(shape), base, held.version if held is not None else 0)
+    except MaskCodingError as err:
+        raise CodecError(f"layer '{name}': {err}") from err
+    return torch.from_numpy(bits).view(shape)
 
 
 def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.Tensor) -> torch.Tensor:
@@ -211,4 +223,7 @@ def masks_from_record(record: ArrayRecord, shapes: Shapes) -> Masks:
     """Inverse of masks_to_record, validated against the layer shapes."""
     if set(record) != set(shapes):
         raise CodecError(f"stored masks cover {sorted(record)}, expected {sorted(shapes)}")
-    return {name: _decode_mask(name, record[name], shape) for name, shape in shapes.items()}
+    wrong = sorted(name for name, array in record.items() if array.stype != BITMASK_STYPE)
+    if wrong:
+        raise CodecError(f"stored masks {wrong} are not plain bitmasks")
+    return {name: _decode_mask(name, record[name], shape, None) for name, shape in shapes.items()}

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, samp
 
 from .aggregation import ClientUpdate, ServerOptimizer, Votes, aggregate
 from .checkpoint import Checkpoint, CheckpointError
-from .codec import CodecError, decode, decode_dense, encode
+from .codec import CodecError, HeldMask, decode, decode_dense, encode
 from .config import ExperimentConfig
 from .masks import (
     Masks, active, apply_masks, difference, hamming, layer_counts, magnitude_prune, random_masks, readjust_alpha,
@@ -37,7 +37,7 @@ class RoundStats:
     mask_entered_units: int = 0  # distinct output units (rows / output channels) they fall in
     mask_drift: float = 0.0  # fraction of the initial mask's positions no longer in the mask
     mask_votes: list[int] = field(default_factory=list)  # entering positions with 0, 1, 2, ... client votes
-    masks_sent: int = 0  # nodes that got the bitmask in this round's download
+    masks_sent: int = 0  # nodes that got the mask (in full or as a delta) in this round's download
     failures: list[str] = field(default_factory=list)  # "node N: reason" per failed, refused or missing reply
     skipped: bool = False  # too few valid replies: the global model and mask were kept
 
@@ -140,6 +140,7 @@ class FedDST(ReplyGuard):
         self.initial_masks: Masks = {}  # the round-1 mask, for mask-drift
         self.mask_version = 0
         self.delivered: dict[int, int] = {}  # node id -> mask version it holds
+        self.versions: dict[int, Masks] = {}  # mask versions some node holds: bases of download deltas
         self.sampled: list[int] = []  # this round's nodes
         self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
         self.stats = RoundStats()
@@ -250,8 +251,9 @@ class FedDST(ReplyGuard):
     def _configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Step 2 and 7: global values for every node, the mask bits only for nodes that
-        do not hold the current mask version."""
+        """Step 2 and 7: global values for every node, the mask only for nodes that do not
+        hold the current mask version (as a delta from the version a node holds, where
+        that is smaller)."""
         state = self.global_state = arrays.to_torch_state_dict()
         alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.r_end)
         self.stats = RoundStats(mask_version=self.mask_version, readjust_alpha=alpha_r, mask_drift=self.drift(self.masks))
@@ -264,14 +266,16 @@ class FedDST(ReplyGuard):
                 "proximal-mu": self.proximal_mu,
             }
         )
-        payloads: dict[bool, ArrayRecord] = {}
+        payloads: dict[int | None, ArrayRecord] = {}  # by the version the node holds
         messages = []
         self.sampled = self.sample(grid)
         for node_id in self.sampled:
-            send_mask = self.delivered.get(node_id) != self.mask_version
-            if send_mask not in payloads:
-                payloads[send_mask] = encode(state, self.masks, send_mask, self.value_dtype)
-            content = RecordDict({self.arrayrecord_key: payloads[send_mask], self.configrecord_key: config})
+            holds = self.delivered.get(node_id)
+            send_mask = holds != self.mask_version
+            if holds not in payloads:
+                base = HeldMask(self.versions[holds], holds) if holds in self.versions else None
+                payloads[holds] = encode(state, self.masks, send_mask, self.value_dtype, base)
+            content = RecordDict({self.arrayrecord_key: payloads[holds], self.configrecord_key: config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
             self.stats.masks_sent += send_mask
         log(INFO, "configure_train: %d nodes, %d get the mask (version %d), alpha_r=%.4f",
@@ -310,6 +314,8 @@ class FedDST(ReplyGuard):
                     del updates[i], contents[i], nodes[i]
         for node_id in nodes:
             self.delivered[node_id] = self.mask_version
+        self.versions[self.mask_version] = self.masks
+        self.versions = {version: self.versions[version] for version in set(self.delivered.values())}
         if len(updates) < math.ceil(self.min_fit_fraction * len(self.sampled)) or not updates:
             self.stats.skipped = True
             log(WARNING, "aggregate_train: round %d skipped, %d of %d sampled nodes replied validly (min-fit-fraction %.2f)",
@@ -363,7 +369,7 @@ class FedDST(ReplyGuard):
         for name in self.maskable:
             if name in values and values[name].dtype != self.value_dtype:
                 raise CodecError(f"layer '{name}': values of dtype '{values[name].dtype}', value-dtype is '{self.value_dtype}'")
-        decoded = decode(content.array_records[self.arrayrecord_key], self.shapes, self.maskable, self.masks)
+        decoded = decode(content.array_records[self.arrayrecord_key], self.shapes, self.maskable, HeldMask(self.masks, self.mask_version))
         for name, mask in decoded.masks.items():
             if int(mask.sum()) > self.counts[name]:
                 raise CodecError(

@@ -13,8 +13,8 @@ from flwr.serverapp.strategy import FedProx
 
 from conftest import erk_masks
 from feddst_flwr import client as client_module
-from feddst_flwr.client import MissingMaskError, client_round, held_masks, injected_failure
-from feddst_flwr.codec import DENSE_STYPE, CodecError, carries_mask, decode, encode, is_sparse, payload_bytes
+from feddst_flwr.client import MissingMaskError, client_round, held_mask, injected_failure
+from feddst_flwr.codec import DENSE_STYPE, CodecError, HeldMask, carries_mask, decode, encode, is_sparse, payload_bytes
 from feddst_flwr.masks import apply_masks, hamming, maskable_names
 from feddst_flwr.models import DigitsCNN
 from feddst_flwr.training import LocalTraining
@@ -40,8 +40,9 @@ class Server:
     def payload(self, send_mask: bool) -> ArrayRecord:
         return encode(self.state, self.masks, send_mask)
 
-    def decode(self, reply: ArrayRecord, held=True):
-        return decode(reply, self.reference, self.maskable, self.masks if held else None)
+    def decode(self, reply: ArrayRecord, version: int = 0):
+        """Decode a reply as the server does: it holds its mask, of `version`."""
+        return decode(reply, self.reference, self.maskable, HeldMask(self.masks, version))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: self.reference[name] for name in self.maskable}
@@ -103,7 +104,7 @@ def test_readjust_round_returns_new_mask_with_erk_counts(server, make_cfg, data,
     result = client_round(new_model(), data, server.payload(True), config, cfg, node_state, 0)
 
     assert carries_mask(result.arrays)
-    decoded = server.decode(result.arrays, held=False)
+    decoded = server.decode(result.arrays)
     assert decoded.mask_sent
     entered = sum(int((decoded.masks[n] & ~server.masks[n]).sum()) for n in server.masks)
     assert result.metrics["mask-entered"] == entered > 0
@@ -123,8 +124,8 @@ def test_readjust_round_returns_new_mask_with_erk_counts(server, make_cfg, data,
     assert any(server.masks[n].all() for n in server.masks)  # the case above was exercised
     assert result.metrics["upload-bytes"] == payload_bytes(result.arrays)
     # the node keeps the server's mask of this version, not its local readjustment
-    held = held_masks(node_state, 0, server.shapes())
-    assert all(torch.equal(held[name], server.masks[name]) for name in server.masks)
+    held = held_mask(node_state, server.shapes())
+    assert held.version == 0 and all(torch.equal(held.masks[name], server.masks[name]) for name in server.masks)
 
 
 def test_clients_of_one_round_shuffle_differently(server, make_cfg, data, spy):
@@ -144,15 +145,13 @@ def test_clients_of_one_round_shuffle_differently(server, make_cfg, data, spy):
 
 def test_first_bitmask_is_stored_with_its_version(server, make_cfg, data, spy):
     node_state = RecordDict()
-    assert held_masks(node_state, 3, server.shapes()) is None
+    assert held_mask(node_state, server.shapes()) is None
 
     client_round(new_model(), data, server.payload(True), round_config(version=3), make_cfg(), node_state, 0)
 
-    held = held_masks(node_state, 3, server.shapes())
-    assert held is not None and set(held) == set(server.masks)
-    assert all(torch.equal(held[name], server.masks[name]) for name in server.masks)
-    assert held_masks(node_state, 2, server.shapes()) is None
-    assert held_masks(node_state, 4, server.shapes()) is None
+    held = held_mask(node_state, server.shapes())
+    assert held is not None and held.version == 3 and set(held.masks) == set(server.masks)
+    assert all(torch.equal(held.masks[name], server.masks[name]) for name in server.masks)
 
 
 def test_same_version_without_bitmask_decodes_with_held_mask(server, make_cfg, data, spy):
@@ -165,7 +164,7 @@ def test_same_version_without_bitmask_decodes_with_held_mask(server, make_cfg, d
     received = spy[-1]
     assert all(torch.equal(received["state"][n], server.state[n]) for n in server.state)
     assert all(torch.equal(received["masks"][n], server.masks[n]) for n in server.masks)
-    assert server.decode(result.arrays).state.keys() == server.state.keys()
+    assert server.decode(result.arrays, version=3).state.keys() == server.state.keys()
     assert result.metrics["download-bytes"] == payload_bytes(request)
 
 
@@ -183,7 +182,7 @@ def test_unknown_version_without_bitmask_raises_missing_mask(server, make_cfg, d
     assert str(error.value).startswith(client_module.MISSING_MASK)
     assert len(spy) == calls  # no training happened
     if held_version is not None:  # the held mask is kept
-        assert held_masks(node_state, held_version, server.shapes()) is not None
+        assert held_mask(node_state, server.shapes()).version == held_version
 
 
 def test_new_version_with_bitmask_replaces_the_held_mask(make_cfg, data, spy):
@@ -193,9 +192,8 @@ def test_new_version_with_bitmask_replaces_the_held_mask(make_cfg, data, spy):
     client_round(new_model(), data, old.payload(True), round_config(1, version=0), make_cfg(), node_state, 0)
     client_round(new_model(), data, new.payload(True), round_config(2, version=1), make_cfg(), node_state, 0)
 
-    assert held_masks(node_state, 0, new.shapes()) is None
-    held = held_masks(node_state, 1, new.shapes())
-    assert all(torch.equal(held[name], new.masks[name]) for name in new.masks)
+    held = held_mask(node_state, new.shapes())
+    assert held.version == 1 and all(torch.equal(held.masks[name], new.masks[name]) for name in new.masks)
     assert hamming(old.masks, new.masks) > 0
 
 
@@ -319,7 +317,7 @@ def test_client_app_trains_and_keeps_the_mask_in_context_state(client_app, conte
         assert reply.content["metrics"]["num-examples"] == len(partition)
         decoded = server.decode(reply.content["arrays"])
         assert all(int(decoded.masks[n].sum()) == server.counts[n] for n in server.masks)
-    assert held_masks(context.state, 0, server.shapes()) is not None
+    assert held_mask(context.state, server.shapes()).version == 0
 
 
 def test_prunefl_reconfiguration_round_uploads_dense_squared_gradients(server, make_cfg, data):
@@ -366,10 +364,11 @@ def test_client_rejects_a_bad_server_message_and_keeps_its_mask(server, make_cfg
     make_payload, config, error = BAD_MESSAGES[bad]
     state = RecordDict()
     client_round(new_model(), data, server.payload(True), round_config(1), make_cfg(), state, 0)
-    held = held_masks(state, 0, server.shapes())
+    held = held_mask(state, server.shapes())
     with pytest.raises(CodecError, match=error):
         client_round(new_model(), data, make_payload(server), config, make_cfg(), state, 0)
-    assert all(torch.equal(held[n], held_masks(state, 0, server.shapes())[n]) for n in held)
+    after = held_mask(state, server.shapes())
+    assert after.version == held.version and all(torch.equal(held.masks[n], after.masks[n]) for n in held.masks)
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -53,8 +53,10 @@ def good_record(send_mask: bool = True, value_dtype: str = "float32") -> ArrayRe
     return codec.encode(make_state(), make_masks(), send_mask, value_dtype)
 
 
-def decode(record: ArrayRecord, held=None) -> codec.Decoded:
-    return codec.decode(record, reference(make_state()), MASKABLE, held)
+def decode(record: ArrayRecord, held=None, version: int = 0) -> codec.Decoded:
+    """Decode against the test model; `held`: the masks the receiver holds, of `version`."""
+    base = codec.HeldMask(held, version) if held is not None else None
+    return codec.decode(record, reference(make_state()), MASKABLE, base)
 
 
 def npy_bytes(array: np.ndarray) -> int:
@@ -222,7 +224,7 @@ def test_partial_bitmasks():
 
 
 def test_no_mask_and_nothing_held():
-    assert_rejected(good_record(send_mask=False), "no bitmask")
+    assert_rejected(good_record(send_mask=False), "no mask")
 
 
 def test_held_mask_of_wrong_shape():

@@ -51,7 +51,7 @@ def test_a_cuda_round_matches_the_cpu_round(make_cfg, data):
     server = Server(new_model())
     decoded = [
         server.decode(client_round(new_model(), data, server.payload(True), round_config(5, 0, 0.2),
-                                   make_cfg(device=device), RecordDict(), 0).arrays, held=False)
+                                   make_cfg(device=device), RecordDict(), 0).arrays)
         for device in ("cpu", "cuda")
     ]  # fmt: skip
     assert decoded[0].mask_sent and decoded[1].mask_sent

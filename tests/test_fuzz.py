@@ -12,12 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from feddst_flwr import codec
+from feddst_flwr.mask_coding import MASK_STYPES
 from test_codec import MASKABLE, good_record, make_masks, make_state, reference
 
 SHAPES = reference(make_state())
 NAMES = sorted(good_record(send_mask=True))  # every layer and bitmask key of a valid payload
 DTYPES = ["float32", "float16", "float64", "int64", "bool", "object", "uint8", "<f4", ">f4", "", "garbage"]
-STYPES = [codec.VALUES_STYPE, codec.BITMASK_STYPE, codec.DENSE_STYPE, "", "numpy.ndarray.evil"]
+STYPES = [codec.VALUES_STYPE, *MASK_STYPES, codec.DENSE_STYPE, "", "numpy.ndarray.evil"]
 PEAK_LIMIT = 1 << 20  # bytes; the valid payload is about 200 bytes
 FUZZ = settings(max_examples=500, deadline=500, suppress_health_check=[HealthCheck.too_slow])
 
@@ -61,10 +62,11 @@ def mutated_payloads(draw) -> tuple[ArrayRecord, bool]:
 
 
 def decode_within_memory(record: ArrayRecord, held) -> None:
-    """Decode; the only exception allowed is CodecError, and the peak allocation is bounded."""
+    """Decode (`held`: the masks the receiver holds, version 0); the only exception allowed
+    is CodecError, and the peak allocation is bounded."""
     tracemalloc.start()
     try:
-        codec.decode(record, SHAPES, MASKABLE, held)
+        codec.decode(record, SHAPES, MASKABLE, codec.HeldMask(held, 0) if held is not None else None)
     except codec.CodecError:
         pass
     finally:

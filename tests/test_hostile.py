@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from conftest import random_data
 from feddst_flwr.client import client_round
-from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUES_STYPE, decode, encode
+from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUES_STYPE, HeldMask, decode, encode
+from feddst_flwr.mask_coding import CODED_HEADER, CODED_STYPE
 from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded
 from test_strategy import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model
 
@@ -161,17 +162,20 @@ def records(**extra):
     return lambda r, s: RecordDict({**extra, "arrays": r.content["arrays"], "metrics": r.content["metrics"]})
 
 
-def remasked(change, name: str | None = None, array: Array | None = None):
-    """FedDST: the reply re-encoded with a bitmask after change(flat fc1 mask); then, if
-    `name` is given, its array replaced by `array` (None: the reply's original one)."""
+def remasked(change, name: str | None = None, array=None, delta_from: int | None = None):
+    """FedDST: the reply re-encoded with its masks after change(flat fc1 mask), as deltas
+    from the global mask said to be of version `delta_from` where that is smaller (None: no
+    delta); then, if `name` is given, its array replaced by `array` (None: the reply's
+    original one; a function: of the re-encoded one)."""
 
     def tamper(reply: Message, strategy) -> RecordDict:
-        decoded = decode(reply.content["arrays"], SHAPES, MASKABLE, strategy.masks)
+        decoded = decode(reply.content["arrays"], SHAPES, MASKABLE, HeldMask(strategy.masks, strategy.mask_version))
         masks = {key: mask.clone() for key, mask in decoded.masks.items()}
         change(masks["fc1.weight"].view(-1))
-        arrays = encode(decoded.state, masks, send_mask=True)
+        base = HeldMask(strategy.masks, delta_from) if delta_from is not None else None
+        arrays = encode(decoded.state, masks, True, "float32", base)
         if name is not None:
-            arrays[name] = reply.content["arrays"][name] if array is None else array
+            arrays[name] = reply.content["arrays"][name] if array is None else array(arrays[name]) if callable(array) else array
         return content(reply, arrays)
 
     return tamper
@@ -243,7 +247,10 @@ CASES = {
     "wrong value count": (2, layer("fc1.weight", lambda a: raw("float32", tuple(a.shape), a.data[:-4], VALUES_STYPE)), "values but the mask", SPARSE),
     "float64 values": (2, layer("fc1.weight", poke(lambda v: v.astype("<f8"))), "dtype", SPARSE),
     "float16 values, float32 configured": (2, layer("fc1.weight", poke(lambda v: v.astype("<f2"))), "value-dtype", SPARSE),
-    "short bitmask": (2, remasked(swap_one, "fc1.weight:mask", raw("bool", (0,), b"\x00", BITMASK_STYPE)), "bitmask", SPARSE),
+    "short bitmask": (2, remasked(swap_one, "fc1.weight:mask", raw("bool", (0,), b"\x00", BITMASK_STYPE)), "mask shape", SPARSE),
+    "mask delta from an old version": (2, remasked(swap_one, delta_from=-1 % 2**64), "holds version 0", SPARSE),
+    "mask delta as a full mask": (2, remasked(swap_one, "fc1.weight:mask", lambda a: raw("bool", tuple(a.shape), a.data, CODED_STYPE), 0), "beyond the declared", SPARSE),
+    "coded mask count lies": (2, remasked(swap_one, "fc1.weight:mask", lambda a: raw("bool", tuple(a.shape), CODED_HEADER.pack(7) + a.data[8:], CODED_STYPE)), "declared", SPARSE),
     "popcount != values": (2, remasked(grow_one, "fc1.weight", None), "values but the mask", SPARSE),
     "mask denser than S": (2, remasked(grow_one), "allows", SPARSE),
     "mask moved without readjustment": (1, remasked(swap_one), "without readjustment", SPARSE),

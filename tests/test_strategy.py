@@ -18,7 +18,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from conftest import random_data
 from feddst_flwr.aggregation import ClientUpdate
 from feddst_flwr.client import MissingMaskError, client_round
-from feddst_flwr.codec import BITMASK_STYPE, VALUES_STYPE, CodecError, carries_mask, decode, encode, payload_bytes
+from feddst_flwr.codec import (
+    BITMASK_STYPE, MASK_SUFFIX, VALUES_STYPE, CodecError, HeldMask, carries_mask, decode, encode, payload_bytes,
+)
 from feddst_flwr.masks import active, difference, hamming, layer_counts, maskable_names, units
 from feddst_flwr.models import DigitsCNN
 from feddst_flwr.strategy import FedDST, PruneFL, build_strategy
@@ -193,8 +195,10 @@ def test_bitmask_only_to_nodes_lacking_the_current_version(federation):
     old_masks = strategy.masks
     second = federation.configure(2)
     assert mask_flags(second) == {1: False, 2: False, 3: False}
-    # the same values, minus exactly one packed bitmask per maskable layer
-    assert payload_bytes(first[0].content["arrays"]) - payload_bytes(second[0].content["arrays"]) == bitmask_bytes()
+    # the same values, minus exactly the coded masks, which are smaller than plain bitmasks
+    mask_bytes = sum(len(a.data) for key, a in first[0].content["arrays"].items() if key.endswith(MASK_SUFFIX))
+    assert payload_bytes(first[0].content["arrays"]) - payload_bytes(second[0].content["arrays"]) == mask_bytes
+    assert 0 < mask_bytes < 0.9 * bitmask_bytes()
     federation.aggregate(2, [federation.reply(m) for m in second])  # readjust round (2 % delta_r == 0)
 
     assert 2 * strategy.stats.mask_entered == hamming(old_masks, strategy.masks) > 0  # a swap counts once
@@ -351,7 +355,8 @@ def test_aggregate_reprunes_to_exact_erk_counts(make_cfg):
     federation.round(1)
     messages = federation.configure(2)
     replies = [federation.reply(m) for m in messages]
-    client_masks = [decode(r.content["arrays"], SHAPES, MASKABLE, None).masks for r in replies]
+    held = HeldMask(federation.strategy.masks, 0)
+    client_masks = [decode(r.content["arrays"], SHAPES, MASKABLE, held).masks for r in replies]
     union = {name: torch.stack([m[name] for m in client_masks]).any(0) for name in MASKABLE}
     assert any(int(union[n].sum()) > federation.strategy.counts[n] for n in MASKABLE)  # more candidates than room
 

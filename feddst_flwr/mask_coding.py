@@ -1,0 +1,148 @@
+"""How a layer's mask travels (part of the wire codec): whichever of three codings is
+smallest for this layer and this message, named by the Array's stype.
+
+  `feddst.bitmask`     np.packbits of the flattened mask: 1 bit per weight, zero padding.
+  `feddst.mask-coded`  header `<Q` (active positions c), then the mask's bits range-coded
+                       with a Bernoulli(c/n) model: about n H(c/n) bits.
+  `feddst.mask-delta`  header `<QQQ` (base mask version, entered e, left l), then the change
+                       from the base mask, which the receiver holds, range-coded in two
+                       streams: over the base's n - a inactive positions the entered ones
+                       (Bernoulli(e/(n-a))), over its a active positions the left ones
+                       (Bernoulli(l/a)). Entered positions are inactive in the base and left
+                       ones active by construction; the size is about the entropy of the change.
+
+Range coding is constriction's (`RangeEncoder`, 32-bit words, little-endian on the wire).
+Decoding checks every count against the layer's size, reads at most the plain bitmask's
+bytes plus 0.1 % and two words (the range coder's rounding and flush), checks that the decoded counts are the declared ones and that the code
+is consumed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import constriction
+from flwr.app import Array
+
+BITMASK_STYPE = "feddst.bitmask"
+CODED_STYPE = "feddst.mask-coded"
+DELTA_STYPE = "feddst.mask-delta"
+MASK_STYPES = (BITMASK_STYPE, CODED_STYPE, DELTA_STYPE)
+CODED_HEADER = struct.Struct("<Q")  # active positions
+DELTA_HEADER = struct.Struct("<QQQ")  # base mask version, entered positions, left positions
+WORD = np.dtype("<u4")
+
+
+class MaskCodingError(ValueError):
+    """A coded mask is malformed or does not fit the layer; the message says how."""
+
+
+def encode_mask(mask: np.ndarray, base: np.ndarray | None = None, version: int = 0) -> tuple[str, bytes]:
+    """The smallest coding of a flat bool mask: (stype, data); a delta against `base`
+    (the mask of `version` the receiver holds) is a candidate when given."""
+    candidates = [(BITMASK_STYPE, np.packbits(mask).tobytes()), (CODED_STYPE, _encode_full(mask))]
+    if base is not None:
+        candidates.append((DELTA_STYPE, _encode_delta(mask, base, version)))
+    return min(candidates, key=lambda candidate: len(candidate[1]))
+
+
+def decode_mask(array: Array, size: int, held: np.ndarray | None, held_version: int) -> np.ndarray:
+    """The flat bool mask of a layer of `size` weights from its Array; `held` is the flat
+    mask of version `held_version` the receiver holds (needed for a delta), or None."""
+    limit = math.ceil(size / 8) + math.ceil(size / 8192) + 2 * WORD.itemsize
+    if array.stype == BITMASK_STYPE:
+        return _decode_bitmask(array.data, size)
+    if array.stype == CODED_STYPE:
+        (count,) = _header(CODED_HEADER, array.data, limit)
+        if count > size:
+            raise MaskCodingError(f"{count} active positions declared for a layer of {size}")
+        (bits,) = _decode_streams(array.data[CODED_HEADER.size :], [(size, count)])
+        return bits
+    if array.stype == DELTA_STYPE:
+        version, entered, left = _header(DELTA_HEADER, array.data, limit)
+        if held is None:
+            raise MaskCodingError(f"delta against mask version {version}, and no mask is held")
+        if version != held_version:
+            raise MaskCodingError(f"delta against mask version {version}, the receiver holds version {held_version}")
+        if held.size != size:
+            raise MaskCodingError(f"held mask has {held.size} positions, the layer {size}")
+        was_active = int(held.sum())
+        if entered > size - was_active or left > was_active:
+            raise MaskCodingError(
+                f"delta declares {entered} entered and {left} left positions; the base mask has "
+                f"{size - was_active} inactive and {was_active} active"
+            )
+        into, out_of = _decode_streams(array.data[DELTA_HEADER.size :], [(size - was_active, entered), (was_active, left)])
+        mask = held.copy()
+        mask[~held] = into.astype(bool)
+        mask[held] = ~out_of.astype(bool)
+        return mask
+    raise MaskCodingError(f"mask expected one of stypes {list(MASK_STYPES)}, got '{array.stype}'")
+
+
+def _encode_full(mask: np.ndarray) -> bytes:
+    return CODED_HEADER.pack(int(mask.sum())) + _encode_streams([mask])
+
+
+def _encode_delta(mask: np.ndarray, base: np.ndarray, version: int) -> bytes:
+    entered, kept = mask[~base], mask[base]
+    return DELTA_HEADER.pack(version, int(entered.sum()), int((~kept).sum())) + _encode_streams([entered, ~kept])
+
+
+def _encode_streams(streams: list[np.ndarray]) -> bytes:
+    """Range-code bool arrays one after the other, each with the Bernoulli model of its
+    own frequency (all-zero and all-one streams cost nothing)."""
+    encoder = constriction.stream.queue.RangeEncoder()
+    for bits in streams:
+        count = int(bits.sum())
+        if 0 < count < bits.size:
+            encoder.encode(bits.astype(np.int32), _model(count, bits.size))
+    return encoder.get_compressed().astype(WORD).tobytes()
+
+
+def _decode_streams(data: bytes, streams: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Inverse of _encode_streams for (length, declared count) pairs; checks the counts and
+    that the code is consumed exactly."""
+    if len(data) % WORD.itemsize:
+        raise MaskCodingError(f"range code of {len(data)} bytes is not whole 32-bit words")
+    decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype=WORD).astype(np.uint32))
+    decoded = []
+    for length, count in streams:
+        if count in (0, length):
+            decoded.append(np.full(length, count == length))
+            continue
+        try:
+            bits = decoder.decode(_model(count, length), length).astype(bool)
+        except Exception as err:  # constriction raises on codes it cannot read
+            raise MaskCodingError(f"unreadable range code ({err})") from err
+        if int(bits.sum()) != count:
+            raise MaskCodingError(f"range code decodes to {int(bits.sum())} set positions, {count} declared")
+        decoded.append(bits)
+    if not decoder.maybe_exhausted():
+        raise MaskCodingError("range code has bytes beyond the declared positions")
+    return decoded
+
+
+def _model(count: int, length: int) -> constriction.stream.model.Bernoulli:
+    return constriction.stream.model.Bernoulli(count / length, perfect=False)
+
+
+def _header(header: struct.Struct, data: bytes, limit: int) -> tuple[int, ...]:
+    """The header's fields, once the payload is known to be no larger than the header and
+    `limit` bytes of code."""
+    if len(data) < header.size:
+        raise MaskCodingError(f"{len(data)} bytes, shorter than its {header.size}-byte header")
+    if len(data) > header.size + limit:
+        raise MaskCodingError(f"{len(data)} bytes, more than its {header.size}-byte header and {limit} bytes of code")
+    return header.unpack_from(data)
+
+
+def _decode_bitmask(data: bytes, size: int) -> np.ndarray:
+    if len(data) != math.ceil(size / 8):
+        raise MaskCodingError(f"bitmask has {len(data)} bytes, expected {math.ceil(size / 8)} for {size} weights")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+    if bits[size:].any():
+        raise MaskCodingError("bitmask padding bits are not zero")
+    return bits[:size].astype(bool)
