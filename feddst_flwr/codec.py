@@ -197,15 +197,15 @@ def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.
     dtype = VALUE_DTYPES[array.dtype]
     if len(array.data) % dtype.itemsize:
         raise CodecError(f"layer '{name}': {len(array.data)} value bytes is not a multiple of {dtype.itemsize}")
-    active = int(mask.sum())
-    if len(array.data) // dtype.itemsize != active:
+    positions = mask.flatten().nonzero().squeeze(1)  # one pass: the count and where the values go
+    if len(array.data) // dtype.itemsize != len(positions):
         raise CodecError(
-            f"layer '{name}': {len(array.data) // dtype.itemsize} values but the mask has {active} active weights"
+            f"layer '{name}': {len(array.data) // dtype.itemsize} values but the mask has {len(positions)} active weights"
         )
     values = np.frombuffer(array.data, dtype=dtype)
     _check_finite(name, values)
     dense = torch.zeros(math.prod(shape), dtype=torch.float32)
-    dense[mask.flatten()] = torch.from_numpy(values.astype(np.float32))
+    dense.index_copy_(0, positions, torch.from_numpy(values.astype(np.float32)))
     return dense.view(shape)
 
 

@@ -68,7 +68,7 @@ def decode_mask(array: Array, size: int, held: np.ndarray | None, held_version: 
             raise MaskCodingError(f"delta against mask version {version}, the receiver holds version {held_version}")
         if held.size != size:
             raise MaskCodingError(f"held mask has {held.size} positions, the layer {size}")
-        was_active = int(held.sum())
+        was_active = int(np.count_nonzero(held))
         if entered > size - was_active or left > was_active:
             raise MaskCodingError(
                 f"delta declares {entered} entered and {left} left positions; the base mask has "
@@ -83,12 +83,12 @@ def decode_mask(array: Array, size: int, held: np.ndarray | None, held_version: 
 
 
 def _encode_full(mask: np.ndarray) -> bytes:
-    return CODED_HEADER.pack(int(mask.sum())) + _encode_streams([mask])
+    return CODED_HEADER.pack(int(np.count_nonzero(mask))) + _encode_streams([mask])
 
 
 def _encode_delta(mask: np.ndarray, base: np.ndarray, version: int) -> bytes:
     entered, kept = mask[~base], mask[base]
-    return DELTA_HEADER.pack(version, int(entered.sum()), int((~kept).sum())) + _encode_streams([entered, ~kept])
+    return DELTA_HEADER.pack(version, int(np.count_nonzero(entered)), int(np.count_nonzero(~kept))) + _encode_streams([entered, ~kept])
 
 
 def _encode_streams(streams: list[np.ndarray]) -> bytes:
@@ -96,7 +96,7 @@ def _encode_streams(streams: list[np.ndarray]) -> bytes:
     own frequency (all-zero and all-one streams cost nothing)."""
     encoder = constriction.stream.queue.RangeEncoder()
     for bits in streams:
-        count = int(bits.sum())
+        count = int(np.count_nonzero(bits))
         if 0 < count < bits.size:
             encoder.encode(bits.astype(np.int32), _model(count, bits.size))
     return encoder.get_compressed().astype(WORD).tobytes()
@@ -117,8 +117,8 @@ def _decode_streams(data: bytes, streams: list[tuple[int, int]]) -> list[np.ndar
             bits = decoder.decode(_model(count, length), length).astype(bool)
         except Exception as err:  # constriction raises on codes it cannot read
             raise MaskCodingError(f"unreadable range code ({err})") from err
-        if int(bits.sum()) != count:
-            raise MaskCodingError(f"range code decodes to {int(bits.sum())} set positions, {count} declared")
+        if int(np.count_nonzero(bits)) != count:
+            raise MaskCodingError(f"range code decodes to {int(np.count_nonzero(bits))} set positions, {count} declared")
         decoded.append(bits)
     if not decoder.maybe_exhausted():
         raise MaskCodingError("range code has bytes beyond the declared positions")

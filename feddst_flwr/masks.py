@@ -90,13 +90,21 @@ def top_k_mask(
     scores: torch.Tensor, k: int, generator: torch.Generator, votes: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Bool mask of the k largest scores. Ties go to more votes (when given), then to a
-    random key drawn from `generator`: never to a position's index."""
-    order = torch.randperm(scores.numel(), generator=generator).to(scores.device)  # the random key
-    for key in (votes, scores):  # stable sorts, least significant key first
-        if key is not None:
-            order = order[torch.argsort(key.flatten()[order], descending=True, stable=True)]
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    flat[order[:k]] = True
+    random key drawn from `generator` (a position's place in a random permutation): never
+    to a position's index. Only the positions tied at the k-th largest score are sorted."""
+    flat_scores, n = scores.flatten(), scores.numel()
+    permutation = torch.randperm(n, generator=generator).to(scores.device)  # drawn whatever k is
+    if k <= 0 or k >= n:
+        return torch.full_like(scores, k >= n and n > 0, dtype=torch.bool)
+    threshold = torch.kthvalue(flat_scores, n - k + 1).values  # the k-th largest score
+    flat = flat_scores > threshold
+    tied = torch.nonzero(flat_scores == threshold).squeeze(1)
+    key = torch.empty(n, dtype=torch.long, device=scores.device)
+    key[permutation] = torch.arange(n, device=scores.device)
+    order = tied[torch.argsort(key[tied])]  # random key first, then votes: stable sorts
+    if votes is not None:
+        order = order[torch.argsort(votes.flatten()[order], descending=True, stable=True)]
+    flat[order[: k - int(torch.count_nonzero(flat))]] = True
     return flat.view(scores.shape)
 
 
@@ -134,7 +142,7 @@ def prune_and_regrow(
     zeroed in place. Dense layers (every position active) are left alone."""
     new_masks = {}
     for name, mask in masks.items():
-        count = int(mask.sum())
+        count = int(torch.count_nonzero(mask))
         k = round(alpha_r * count)
         if k == 0 or count == mask.numel():
             new_masks[name] = mask.clone()
@@ -164,7 +172,7 @@ def readjust_alpha(server_round: int, alpha: float, delta_r: int, r_end: int) ->
 
 def hamming(a: Masks, b: Masks) -> int:
     """Number of positions where two mask sets differ."""
-    return sum(int((a[name] ^ b[name]).sum()) for name in a)
+    return sum(int(torch.count_nonzero(a[name] ^ b[name])) for name in a)
 
 
 def difference(a: Masks, b: Masks) -> Masks:
@@ -174,7 +182,7 @@ def difference(a: Masks, b: Masks) -> Masks:
 
 def active(masks: Masks) -> int:
     """Number of active positions over all layers."""
-    return sum(int(mask.sum()) for mask in masks.values())
+    return sum(int(torch.count_nonzero(mask)) for mask in masks.values())
 
 
 def units(masks: Masks) -> int:

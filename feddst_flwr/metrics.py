@@ -34,7 +34,7 @@ def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
 
     def count(name: str, module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         nonlocal macs
-        active = int(masks[name].sum()) if name in masks else module.weight.numel()
+        active = int(torch.count_nonzero(masks[name])) if name in masks else module.weight.numel()
         positions = 1 if isinstance(module, nn.Linear) else output[0, 0].numel()  # conv: output positions
         macs += active * positions
 

@@ -371,10 +371,9 @@ class FedDST(ReplyGuard):
                 raise CodecError(f"layer '{name}': values of dtype '{values[name].dtype}', value-dtype is '{self.value_dtype}'")
         decoded = decode(content.array_records[self.arrayrecord_key], self.shapes, self.maskable, HeldMask(self.masks, self.mask_version))
         for name, mask in decoded.masks.items():
-            if int(mask.sum()) > self.counts[name]:
-                raise CodecError(
-                    f"layer '{name}': mask keeps {int(mask.sum())} weights, sparsity {self.sparsity} allows {self.counts[name]}"
-                )
+            kept = int(torch.count_nonzero(mask))
+            if kept > self.counts[name]:
+                raise CodecError(f"layer '{name}': mask keeps {kept} weights, sparsity {self.sparsity} allows {self.counts[name]}")
         if decoded.mask_sent and self.stats.readjust_alpha == 0 and hamming(decoded.masks, self.masks):
             raise CodecError("mask differs from the global one on a round without readjustment")
         return ClientUpdate(decoded.state, decoded.masks, num_examples)

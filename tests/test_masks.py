@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -387,3 +389,30 @@ def test_shapes_of():
 def test_maskable_names_of_a_bare_linear_match_its_state_dict():
     model = nn.Linear(3, 2)
     assert M.maskable_names(model) == ["weight"]
+
+
+def sorted_top_k(scores: torch.Tensor, k: int, generator: torch.Generator, votes=None) -> torch.Tensor:
+    """Reference: the first k of the total order (score, then votes, descending; then the
+    place in a random permutation), by sorting every position."""
+    order = torch.randperm(scores.numel(), generator=generator)
+    for key in (votes, scores):  # stable sorts, least significant key first
+        if key is not None:
+            order = order[torch.argsort(key.flatten()[order], descending=True, stable=True)]
+    flat = torch.zeros(scores.numel(), dtype=torch.bool)
+    flat[order[:k]] = True
+    return flat.view(scores.shape)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 300), st.integers(0, 5), st.booleans(), st.integers(0, 2**31), st.floats(0.0, 1.0),
+)
+def test_top_k_selects_the_first_k_of_the_total_order(n, levels, with_votes, seed, fraction):
+    """Few distinct score levels (many ties) and votes: the same positions as sorting everything."""
+    data = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels + 1, (n,), generator=data).float() - float(levels == 0)
+    votes = torch.randint(0, 3, (n,), generator=data).double() if with_votes else None
+    k = round(fraction * n)
+    mine = M.top_k_mask(scores, k, torch.Generator().manual_seed(seed), votes)
+    assert int(mine.sum()) == k
+    assert torch.equal(mine, sorted_top_k(scores, k, torch.Generator().manual_seed(seed), votes))
