@@ -13,8 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 from feddst_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from feddst_flwr.config import ConfigError, ExperimentConfig
 from feddst_flwr.data import PartitionScheme, RawDataset, client_test_weights, load_raw, partitions, to_tensors
-from feddst_flwr.masks import maskable_names
 from feddst_flwr.grid import ServerGrid, partition_ids
+from feddst_flwr.masks import maskable_names
 from feddst_flwr.metrics import RoundRecorder
 from feddst_flwr.models import build_model
 from feddst_flwr.strategy import FedDST, build_strategy
@@ -46,6 +46,7 @@ def main(grid: Grid, context: Context) -> None:
     if resume is not None:
         recorder.load_state_dict(resume.recorder)
     strategy.start(**run, evaluate_fn=partial(after_round, cfg, strategy, recorder), resume=resume)
+
 
 def federation_partitions(raw: RawDataset, scheme: PartitionScheme, cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
     """The clients' training indices; a federation too small for the partition is a

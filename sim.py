@@ -22,12 +22,12 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
+import tomllib
 
 from feddst_flwr import report
 
@@ -125,7 +125,14 @@ def flwr_run(config: dict, num_supernodes: int, home: Path) -> None:
     config_file = home / f"{config['run-name']}.toml"
     config_file.write_text(tomli_w.dumps(config))
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    command = [str(Path(sys.executable).with_name("flwr")), "run", str(ROOT), "--run-config", str(config_file), "--stream"]
+    command = [
+        str(Path(sys.executable).with_name("flwr")),
+        "run",
+        str(ROOT),
+        "--run-config",
+        str(config_file),
+        "--stream",
+    ]
     started = time.time()
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         tail = []
@@ -149,7 +156,9 @@ def stop_superlink(home: Path) -> None:
     """Stop the local SuperLink of this FLWR_HOME and the run processes it started."""
     found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True, text=True)
     for pid in map(int, found.stdout.split()):
-        children = subprocess.run(["pgrep", "-f", f"flower-superexec.*--parent-pid {pid}"], capture_output=True, text=True)
+        children = subprocess.run(
+            ["pgrep", "-f", f"flower-superexec.*--parent-pid {pid}"], capture_output=True, text=True
+        )
         for child in map(int, children.stdout.split()):
             _terminate(child, group=True)  # superexec leads the group of the simulation's processes
         _terminate(pid)
@@ -174,7 +183,11 @@ def write_report(results: Path, caption: str = "", reference: str = "feddst") ->
     runs = report.load_runs(results)
     table = f"{report.summary_table(runs, reference=reference)}\nOver seeds (mean ± std):\n\n{report.seed_table(runs)}"
     caption = f"{caption.strip()}\n\n" if caption.strip() else ""
-    movement = "\n![mask movement](mask-movement.png)\n" if report.plot_mask_movement(runs, results / "mask-movement.png") else ""
+    movement = (
+        "\n![mask movement](mask-movement.png)\n"
+        if report.plot_mask_movement(runs, results / "mask-movement.png")
+        else ""
+    )
     (results / "REPORT.md").write_text(f"# {results.name}\n\n{caption}![curves](curves.png)\n\n{table}{movement}")
     report.plot(runs, results / "curves.png")
     return table

@@ -58,9 +58,11 @@ def main() -> None:
             train, model, data, masks, epochs=10, batch_size=32, lr=0.01, momentum=0.9, weight_decay=1e-3,
             proximal_mu=0.0, generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
-        print(f"  client round ({len(data)} images, preset E=10, batch 32): data loading {loading * 1e3:.2f} ms "
-              f"({first_loading * 1e3:.1f} ms the first time in a process), training {training * 1e3:.0f} ms "
-              f"-> loading is {100 * loading / training:.2f}% of training ({100 * first_loading / training:.1f}% first)")
+        print(
+            f"  client round ({len(data)} images, preset E=10, batch 32): data loading {loading * 1e3:.2f} ms "
+            f"({first_loading * 1e3:.1f} ms the first time in a process), training {training * 1e3:.0f} ms "
+            f"-> loading is {100 * loading / training:.2f}% of training ({100 * first_loading / training:.1f}% first)"
+        )
 
 
 if __name__ == "__main__":

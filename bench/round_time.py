@@ -22,9 +22,9 @@ import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +112,12 @@ def main() -> None:
             config = bench_config(args.rounds, device, Path(folder) / "results")
             simulated = steady(simulation_round_times(config, args.supernodes, Path(folder) / "flwr-home"))
             bare = steady(bare_round_times(config, args.supernodes))
-        rows.append(f"| {device} | {simulated[0]:.2f} | {simulated[1]:.2f} | {bare[0]:.2f} | {bare[1]:.2f} | {simulated[0] / bare[0]:.2f} |")
-    print(f"\nMNIST paper preset, {args.supernodes} supernodes, {args.rounds} rounds; bare loop with {torch.get_num_threads()} torch threads")
+        rows.append(
+            f"| {device} | {simulated[0]:.2f} | {simulated[1]:.2f} | {bare[0]:.2f} | {bare[1]:.2f} | {simulated[0] / bare[0]:.2f} |"
+        )
+    print(
+        f"\nMNIST paper preset, {args.supernodes} supernodes, {args.rounds} rounds; bare loop with {torch.get_num_threads()} torch threads"
+    )
     print("| device | simulation median s | min s | bare loop median s | min s | ratio (median) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-import sim  # noqa: E402
 from round_time import bench_config  # noqa: E402
+
+import sim  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -26,9 +26,9 @@ import argparse
 import math
 import statistics
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 from flwr.app import ArrayRecord
 
@@ -68,7 +68,9 @@ def mask_bytes(record: ArrayRecord) -> int:
 def schedule(preset: dict) -> list[float]:
     """alpha_r of every readjust round of the preset."""
     rounds = range(1, preset["r-end"] + 1)
-    return [a for a in (readjust_alpha(r, preset["alpha"], preset["delta-r"], preset["r-end"]) for r in rounds) if a > 0]
+    return [
+        a for a in (readjust_alpha(r, preset["alpha"], preset["delta-r"], preset["r-end"]) for r in rounds) if a > 0
+    ]
 
 
 def rows(dataset: str, sparsity: float, value_dtype: str) -> list[str]:

@@ -163,7 +163,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--port", type=int, default=9091, help="SuperLink port; SuperNode i uses port + 1 + i")
     parser.add_argument(
-        "--tls", action="store_true", help="TLS (deploy/certs.py) and SuperNode authentication: only enrolled nodes join"
+        "--tls",
+        action="store_true",
+        help="TLS (deploy/certs.py) and SuperNode authentication: only enrolled nodes join",
     )
     args = parser.parse_args()
     if args.action == "down":
@@ -171,7 +173,9 @@ def main() -> None:
         return
     info = up(args.dir, args.nodes, args.port, args.tls)
     print(f"started {info['pids']}; logs in {args.dir / 'logs'}. Run FedDST on it with:")
-    print(f"  FLWR_HOME={info['flwr_home']} FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . {FEDERATION} --stream")
+    print(
+        f"  FLWR_HOME={info['flwr_home']} FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . {FEDERATION} --stream"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,14 @@ from .grid import Traffic
 FORMAT = 2  # 2: the strategy state holds the initial mask (mask-drift)
 # Keys that may change between the interrupted run and its resumption.
 RESUMABLE_CHANGES = (
-    "num_server_rounds", "resume", "checkpoint_every", "round_timeout", "data_dir", "cache_dir", "results_dir", "run_name",
+    "num_server_rounds",
+    "resume",
+    "checkpoint_every",
+    "round_timeout",
+    "data_dir",
+    "cache_dir",
+    "results_dir",
+    "run_name",
 )
 
 
@@ -74,11 +81,15 @@ def load_checkpoint(cfg: ExperimentConfig) -> Checkpoint:
     expected = fingerprint(cfg)
     differing = sorted(key for key in expected.keys() | config.keys() if expected.get(key) != config.get(key))
     if differing:
-        details = ", ".join(f"{key.replace('_', '-')}: {config.get(key)!r} -> {expected.get(key)!r}" for key in differing)
+        details = ", ".join(
+            f"{key.replace('_', '-')}: {config.get(key)!r} -> {expected.get(key)!r}" for key in differing
+        )
         raise CheckpointError(f"checkpoint {path} was written by a different experiment ({details})")
     check_fields(fields)
     if fields["round"] >= cfg.num_server_rounds:
-        raise CheckpointError(f"checkpoint {path} is at round {fields['round']}: nothing left of {cfg.num_server_rounds} rounds")
+        raise CheckpointError(
+            f"checkpoint {path} is at round {fields['round']}: nothing left of {cfg.num_server_rounds} rounds"
+        )
     return Checkpoint(**fields)
 
 

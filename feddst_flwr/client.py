@@ -11,7 +11,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .codec import (
-    CodecError, HeldMask, carries_mask, decode, encode, is_sparse, masks_from_record, masks_to_record, payload_bytes,
+    CodecError,
+    HeldMask,
+    carries_mask,
+    decode,
+    encode,
+    is_sparse,
+    masks_from_record,
+    masks_to_record,
+    payload_bytes,
 )
 from .config import ExperimentConfig
 from .data import TensorData
@@ -141,7 +149,9 @@ def client_round(
     weights = model.state_dict()
     weights = {name: tensor.cpu() for name, tensor in weights.items()}
     sent = HeldMask(masks, int(config["mask-version"])) if masks is not None else None  # the server holds it too
-    reply = encode(weights, local_masks, entered > 0, cfg.value_dtype, sent) if sent is not None else ArrayRecord(weights)
+    reply = (
+        encode(weights, local_masks, entered > 0, cfg.value_dtype, sent) if sent is not None else ArrayRecord(weights)
+    )
     gradients = None
     if int(config.get("upload-gradients", 0)):  # PruneFL reconfiguration round
         names = maskable_names(model)

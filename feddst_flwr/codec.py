@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib import format as npy_format
 import torch
 from flwr.app import Array, ArrayRecord
+from numpy.lib import format as npy_format
 
 from .mask_coding import BITMASK_STYPE, MASK_STYPES, MaskCodingError, decode_mask, encode_mask
 from .masks import Masks, Shapes
@@ -172,7 +172,9 @@ def read_npy(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) ->
         raise CodecError(f"layer '{name}': payload shape {tuple(declared)}, expected {shape}")
     body = data[stream.tell() :]
     if len(body) != math.prod(shape) * dtype.itemsize:
-        raise CodecError(f"layer '{name}': {len(body)} data bytes, expected {math.prod(shape) * dtype.itemsize} for {shape}")
+        raise CodecError(
+            f"layer '{name}': {len(body)} data bytes, expected {math.prod(shape) * dtype.itemsize} for {shape}"
+        )
     return np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
 
 

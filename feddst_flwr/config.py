@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from .aggregation import SERVER_OPTIMIZERS
 from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme
@@ -152,13 +153,24 @@ class ExperimentConfig:
             (self.min_votes >= 1, "min-votes", ">= 1"),
             (0.0 <= self.min_fit_fraction <= 1.0, "min-fit-fraction", "in [0, 1]"),
             (self.max_num_examples >= 1, "max-num-examples", ">= 1"),
-            (self.max_update_norm == 0 or self.max_update_norm >= 1, "max-update-norm", "0 (off) or >= 1 (x the median)"),
+            (
+                self.max_update_norm == 0 or self.max_update_norm >= 1,
+                "max-update-norm",
+                "0 (off) or >= 1 (x the median)",
+            ),
             (self.round_timeout > 0, "round-timeout", "> 0 seconds"),
             (0.0 <= self.client_failure_rate < 1.0, "client-failure-rate", "in [0, 1)"),
             (self.checkpoint_every >= 0, "checkpoint-every", ">= 0 (0: no checkpoints)"),
-            (self.is_sparse or not self.checkpoint_every, "checkpoint-every",
-             f"0 for Flower's baseline strategies (checkpoints: {SPARSE_STRATEGIES})"),
-            (self.is_sparse or not self.resume, "resume", f"false for Flower's baseline strategies (resume: {SPARSE_STRATEGIES})"),
+            (
+                self.is_sparse or not self.checkpoint_every,
+                "checkpoint-every",
+                f"0 for Flower's baseline strategies (checkpoints: {SPARSE_STRATEGIES})",
+            ),
+            (
+                self.is_sparse or not self.resume,
+                "resume",
+                f"false for Flower's baseline strategies (resume: {SPARSE_STRATEGIES})",
+            ),
             (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {VALUE_DTYPES}"),
             (self.device in DEVICES, "device", f"one of {DEVICES} (auto: CUDA when available)"),
             (self.dataset in DATASETS, "dataset", f"one of {DATASETS}"),

@@ -94,7 +94,9 @@ def to_tensors(name: str, x: np.ndarray, y: np.ndarray) -> TensorData:
 
 
 @lru_cache(maxsize=2)
-def load_raw(name: str, data_dir: str = "", cache_dir: str = "", test_fraction: float = 0.2, seed: int = 0) -> RawDataset:
+def load_raw(
+    name: str, data_dir: str = "", cache_dir: str = "", test_fraction: float = 0.2, seed: int = 0
+) -> RawDataset:
     """Decoded dataset: scikit-learn's digits, local files under data_dir, or the hub
     (only when data_dir is empty). Decoded arrays are cached under cache_dir."""
     if name not in SPECS:
@@ -252,7 +254,9 @@ def _stack(images: list[np.ndarray], labels: list[int]) -> tuple[np.ndarray, np.
 def _from_image_folder(root: Path) -> RawDataset:
     """torchvision's ImageFolder layout: train/<class>/* and test/<class>/*."""
     tree = {
-        part: {cls.name: [(f.name, f.read_bytes) for f in cls.iterdir()] for cls in (root / part).iterdir() if cls.is_dir()}
+        part: {
+            cls.name: [(f.name, f.read_bytes) for f in cls.iterdir()] for cls in (root / part).iterdir() if cls.is_dir()
+        }
         for part in ("train", "test")
     }
     return _decode_tree(tree, root)
@@ -444,7 +448,9 @@ def _pathological(labels: np.ndarray, scheme: PartitionScheme) -> tuple[np.ndarr
     return tuple(np.sort(np.concatenate(chunks)) for chunks in parts)
 
 
-def _class_assignment(num_classes: int, num_partitions: int, per_partition: int, rng: np.random.Generator) -> list[list[int]]:
+def _class_assignment(
+    num_classes: int, num_partitions: int, per_partition: int, rng: np.random.Generator
+) -> list[list[int]]:
     """For each class, the clients holding it: clients read their classes `per_partition`
     at a time from a sequence of random permutations of all classes (balanced use)."""
     if not 1 <= per_partition <= num_classes:
@@ -467,7 +473,9 @@ def _class_assignment(num_classes: int, num_partitions: int, per_partition: int,
     return holders
 
 
-def client_test_weights(raw: RawDataset, parts: tuple[np.ndarray, ...], scheme: PartitionScheme, num_classes: int) -> np.ndarray:
+def client_test_weights(
+    raw: RawDataset, parts: tuple[np.ndarray, ...], scheme: PartitionScheme, num_classes: int
+) -> np.ndarray:
     """(clients, classes) weights of each client's test set over the classes: for
     `pathological` all test images of the client's classes (the paper's protocol), else
     the client's own training label distribution. Rows sum to 1."""

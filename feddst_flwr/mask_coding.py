@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import struct
 
-import numpy as np
 import constriction
+import numpy as np
 from flwr.app import Array
 
 BITMASK_STYPE = "feddst.bitmask"
@@ -74,7 +74,9 @@ def decode_mask(array: Array, size: int, held: np.ndarray | None, held_version: 
                 f"delta declares {entered} entered and {left} left positions; the base mask has "
                 f"{size - was_active} inactive and {was_active} active"
             )
-        into, out_of = _decode_streams(array.data[DELTA_HEADER.size :], [(size - was_active, entered), (was_active, left)])
+        into, out_of = _decode_streams(
+            array.data[DELTA_HEADER.size :], [(size - was_active, entered), (was_active, left)]
+        )
         mask = held.copy()
         mask[~held] = into.astype(bool)
         mask[held] = ~out_of.astype(bool)
@@ -88,7 +90,9 @@ def _encode_full(mask: np.ndarray) -> bytes:
 
 def _encode_delta(mask: np.ndarray, base: np.ndarray, version: int) -> bytes:
     entered, kept = mask[~base], mask[base]
-    return DELTA_HEADER.pack(version, int(np.count_nonzero(entered)), int(np.count_nonzero(~kept))) + _encode_streams([entered, ~kept])
+    return DELTA_HEADER.pack(version, int(np.count_nonzero(entered)), int(np.count_nonzero(~kept))) + _encode_streams(
+        [entered, ~kept]
+    )
 
 
 def _encode_streams(streams: list[np.ndarray]) -> bytes:
@@ -118,7 +122,9 @@ def _decode_streams(data: bytes, streams: list[tuple[int, int]]) -> list[np.ndar
         except Exception as err:  # constriction raises on codes it cannot read
             raise MaskCodingError(f"unreadable range code ({err})") from err
         if int(np.count_nonzero(bits)) != count:
-            raise MaskCodingError(f"range code decodes to {int(np.count_nonzero(bits))} set positions, {count} declared")
+            raise MaskCodingError(
+                f"range code decodes to {int(np.count_nonzero(bits))} set positions, {count} declared"
+            )
         decoded.append(bits)
     if not decoder.maybe_exhausted():
         raise MaskCodingError("range code has bytes beyond the declared positions")

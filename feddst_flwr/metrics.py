@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from logging import INFO
 from pathlib import Path
 

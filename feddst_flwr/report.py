@@ -88,7 +88,12 @@ def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: s
             f"| {np.mean([r['cum-download-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['flops'] for r in final]) / 1e6:.2f} | {np.mean([r['wall-time'] for r in final]):.0f} |"
         )
-    lines += ["", "\\* a run ended below this upload cap: its final value.", "", *gap_lines(runs, limits["1x"], metric, reference)]
+    lines += [
+        "",
+        "\\* a run ended below this upload cap: its final value.",
+        "",
+        *gap_lines(runs, limits["1x"], metric, reference),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -21,8 +21,18 @@ from .checkpoint import Checkpoint, CheckpointError
 from .codec import CodecError, HeldMask, decode, decode_dense, encode
 from .config import ExperimentConfig
 from .masks import (
-    Masks, active, apply_masks, difference, hamming, layer_counts, magnitude_prune, random_masks, readjust_alpha,
-    seeded_generator, shapes_of, units,
+    Masks,
+    active,
+    apply_masks,
+    difference,
+    hamming,
+    layer_counts,
+    magnitude_prune,
+    random_masks,
+    readjust_alpha,
+    seeded_generator,
+    shapes_of,
+    units,
 )
 from .validation import GRADIENTS_KEY, Instruction, ReplyGuard, check_reply, guarded, outliers, update_norm
 
@@ -147,10 +157,23 @@ class FedDST(ReplyGuard):
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
-        log(INFO, "\t├──> FedDST: S=%.3f (%s), alpha=%.3f, delta-r=%d, r-end=%d, min-votes=%d",
-            self.sparsity, self.distribution, self.alpha, self.delta_r, self.r_end, self.min_votes)
-        log(INFO, "\t└──> Sampling: fraction %.2f, clients-per-round %d, seed %d",
-            self.fraction_train, self.clients_per_round, self.seed)
+        log(
+            INFO,
+            "\t├──> FedDST: S=%.3f (%s), alpha=%.3f, delta-r=%d, r-end=%d, min-votes=%d",
+            self.sparsity,
+            self.distribution,
+            self.alpha,
+            self.delta_r,
+            self.r_end,
+            self.min_votes,
+        )
+        log(
+            INFO,
+            "\t└──> Sampling: fraction %.2f, clients-per-round %d, seed %d",
+            self.fraction_train,
+            self.clients_per_round,
+            self.seed,
+        )
 
     def initialize(self, arrays: ArrayRecord) -> ArrayRecord:
         """Step 1: draw the random ERK mask and prune the initial weights with it."""
@@ -226,14 +249,24 @@ class FedDST(ReplyGuard):
         maskable = {name: self.shapes[name] for name in self.maskable}
         expected = {"arrays": (arrays, self.shapes), "strategy.masks": (state["masks"], maskable),
                     "strategy.initial_masks": (state["initial_masks"], maskable)}  # fmt: skip
-        for field, (tensors, shapes) in expected.items():
+        for key, (tensors, shapes) in expected.items():
             if shapes_of(tensors, list(tensors)) != shapes:
-                raise CheckpointError(f"checkpoint field '{field}' has shapes {shapes_of(tensors, list(tensors))}, the model {shapes}")
+                raise CheckpointError(
+                    f"checkpoint field '{key}' has shapes {shapes_of(tensors, list(tensors))}, the model {shapes}"
+                )
         for key in ("m", "v"):
-            wrong = sorted(n for n, t in state["optimizer"][key].items() if maskable.get(n, self.shapes.get(n)) != tuple(t.shape))
+            wrong = sorted(
+                n for n, t in state["optimizer"][key].items() if maskable.get(n, self.shapes.get(n)) != tuple(t.shape)
+            )
             if wrong:
-                raise CheckpointError(f"checkpoint field 'strategy.optimizer.{key}' has tensors {wrong} not shaped like the model")
-        self.masks, self.initial_masks, self.mask_version = state["masks"], state["initial_masks"], state["mask_version"]
+                raise CheckpointError(
+                    f"checkpoint field 'strategy.optimizer.{key}' has tensors {wrong} not shaped like the model"
+                )
+        self.masks, self.initial_masks, self.mask_version = (
+            state["masks"],
+            state["initial_masks"],
+            state["mask_version"],
+        )
         try:
             self.rng.setstate(state["rng"])
         except (TypeError, ValueError) as err:
@@ -256,7 +289,9 @@ class FedDST(ReplyGuard):
         that is smaller)."""
         state = self.global_state = arrays.to_torch_state_dict()
         alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.r_end)
-        self.stats = RoundStats(mask_version=self.mask_version, readjust_alpha=alpha_r, mask_drift=self.drift(self.masks))
+        self.stats = RoundStats(
+            mask_version=self.mask_version, readjust_alpha=alpha_r, mask_drift=self.drift(self.masks)
+        )
         config = ConfigRecord(
             {
                 **config,
@@ -278,8 +313,14 @@ class FedDST(ReplyGuard):
             content = RecordDict({self.arrayrecord_key: payloads[holds], self.configrecord_key: config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
             self.stats.masks_sent += send_mask
-        log(INFO, "configure_train: %d nodes, %d get the mask (version %d), alpha_r=%.4f",
-            len(messages), self.stats.masks_sent, self.mask_version, alpha_r)
+        log(
+            INFO,
+            "configure_train: %d nodes, %d get the mask (version %d), alpha_r=%.4f",
+            len(messages),
+            self.stats.masks_sent,
+            self.mask_version,
+            alpha_r,
+        )
         return messages
 
     def _aggregate_train(
@@ -318,8 +359,14 @@ class FedDST(ReplyGuard):
         self.versions = {version: self.versions[version] for version in set(self.delivered.values())}
         if len(updates) < math.ceil(self.min_fit_fraction * len(self.sampled)) or not updates:
             self.stats.skipped = True
-            log(WARNING, "aggregate_train: round %d skipped, %d of %d sampled nodes replied validly (min-fit-fraction %.2f)",
-                server_round, len(updates), len(self.sampled), self.min_fit_fraction)
+            log(
+                WARNING,
+                "aggregate_train: round %d skipped, %d of %d sampled nodes replied validly (min-fit-fraction %.2f)",
+                server_round,
+                len(updates),
+                len(self.sampled),
+                self.min_fit_fraction,
+            )
             return None, None
         generator = seeded_generator(self.seed, "re-prune", server_round)
         state, masks, votes = aggregate(updates, self.counts, generator, self.min_votes)
@@ -368,12 +415,21 @@ class FedDST(ReplyGuard):
         values = content.array_records[self.arrayrecord_key]
         for name in self.maskable:
             if name in values and values[name].dtype != self.value_dtype:
-                raise CodecError(f"layer '{name}': values of dtype '{values[name].dtype}', value-dtype is '{self.value_dtype}'")
-        decoded = decode(content.array_records[self.arrayrecord_key], self.shapes, self.maskable, HeldMask(self.masks, self.mask_version))
+                raise CodecError(
+                    f"layer '{name}': values of dtype '{values[name].dtype}', value-dtype is '{self.value_dtype}'"
+                )
+        decoded = decode(
+            content.array_records[self.arrayrecord_key],
+            self.shapes,
+            self.maskable,
+            HeldMask(self.masks, self.mask_version),
+        )
         for name, mask in decoded.masks.items():
             kept = int(torch.count_nonzero(mask))
             if kept > self.counts[name]:
-                raise CodecError(f"layer '{name}': mask keeps {kept} weights, sparsity {self.sparsity} allows {self.counts[name]}")
+                raise CodecError(
+                    f"layer '{name}': mask keeps {kept} weights, sparsity {self.sparsity} allows {self.counts[name]}"
+                )
         if decoded.mask_sent and self.stats.readjust_alpha == 0 and hamming(decoded.masks, self.masks):
             raise CodecError("mask differs from the global one on a round without readjustment")
         return ClientUpdate(decoded.state, decoded.masks, num_examples)
@@ -416,7 +472,9 @@ class PruneFL(FedDST):
         except CodecError as err:
             raise RuntimeError(f"PruneFL's initial pruning failed on node {nodes[0]}: {err}") from err
         state = decode(reply.content.array_records[self.arrayrecord_key], self.shapes, [], None).state
-        self.masks = self.initial_masks = magnitude_prune(state, None, self.counts, seeded_generator(self.seed, "prunefl"))
+        self.masks = self.initial_masks = magnitude_prune(
+            state, None, self.counts, seeded_generator(self.seed, "prunefl")
+        )
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
@@ -434,9 +492,7 @@ class PruneFL(FedDST):
         if not reporting:
             return masks
         total = sum(u.num_examples for u in reporting)
-        importance = {
-            name: sum(u.num_examples * u.gradients[name] for u in reporting) / total for name in masks
-        }
+        importance = {name: sum(u.num_examples * u.gradients[name] for u in reporting) / total for name in masks}
         return magnitude_prune(importance, None, self.counts, generator)
 
     def _decode_reply(self, reply: Message) -> ClientUpdate:

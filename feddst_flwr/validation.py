@@ -207,7 +207,9 @@ class ReplyGuard(Strategy):
             node = reply.metadata.src_node_id
             sent = self._sent.get(node)
             if sent is None or node in answered:
-                self.reject(node, "a second reply" if sent is not None else "a reply from a node that was not sent this round")
+                self.reject(
+                    node, "a second reply" if sent is not None else "a reply from a node that was not sent this round"
+                )
                 continue
             answered.add(node)
             try:

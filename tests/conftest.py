@@ -4,10 +4,10 @@ DigitsCNN, and the process identity Flower needs to build instruction messages."
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from feddst_flwr.config import ExperimentConfig

@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
+from test_strategy import MASKABLE, SHAPES, Federation, make_strategy, mask_flags, new_model
 
 from feddst_flwr.checkpoint import Checkpoint, CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
-from test_strategy import MASKABLE, SHAPES, Federation, make_strategy, mask_flags, new_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -40,7 +40,9 @@ def test_resume_may_change_rounds_and_folders_but_not_the_experiment(make_cfg, t
     save_checkpoint(make_cfg(results_dir=str(tmp_path), num_server_rounds=10), small_checkpoint())
     assert load_checkpoint(make_cfg(results_dir=str(tmp_path), num_server_rounds=20, resume=True)).round == 2
     with pytest.raises(CheckpointError, match=r"different experiment \(lr: 0.1 -> 0.5, seed: 0 -> 3\)"):
-        load_checkpoint(make_cfg(results_dir=str(tmp_path), num_server_rounds=10, lr=0.5, seed=3, run_name="feddst-digits-seed0"))
+        load_checkpoint(
+            make_cfg(results_dir=str(tmp_path), num_server_rounds=10, lr=0.5, seed=3, run_name="feddst-digits-seed0")
+        )
 
 
 def test_missing_checkpoint_is_an_error_not_a_fresh_start(make_cfg, tmp_path):

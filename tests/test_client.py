@@ -8,10 +8,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import erk_masks
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedProx
 
-from conftest import erk_masks
 from feddst_flwr import client as client_module
 from feddst_flwr.client import MissingMaskError, client_round, held_mask, injected_failure
 from feddst_flwr.codec import DENSE_STYPE, CodecError, HeldMask, carries_mask, decode, encode, is_sparse, payload_bytes
@@ -355,7 +355,11 @@ BAD_MESSAGES = {
     "negative mu": (lambda s: s.payload(True), round_config(mu=-1.0), "proximal-mu"),
     "string round": (lambda s: s.payload(True), ConfigRecord({"server-round": "1", "mask-version": 0}), "expected int"),
     "NaN weights": (nan_payload, round_config(), "NaN"),
-    "missing layer": (lambda s: ArrayRecord({k: v for k, v in s.payload(True).items() if k != "fc2.bias"}), round_config(), "missing"),
+    "missing layer": (
+        lambda s: ArrayRecord({k: v for k, v in s.payload(True).items() if k != "fc2.bias"}),
+        round_config(),
+        "missing",
+    ),
 }
 
 

@@ -325,7 +325,9 @@ def test_non_finite_sparse_values(bad_value, dtype):
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 def test_non_finite_dense_values(bad_value):
-    assert_rejected(replaced("fc.bias", dense_array(np.array([0.0, bad_value, 1.0], np.float32))), "fc.bias", "NaN or Inf")
+    assert_rejected(
+        replaced("fc.bias", dense_array(np.array([0.0, bad_value, 1.0], np.float32))), "fc.bias", "NaN or Inf"
+    )
 
 
 @pytest.mark.parametrize("data", [b"not a numpy file", b"", b"\x93NUMPY\x01\x00garbage"])
@@ -354,7 +356,11 @@ def test_npy_header_declaring_a_huge_shape_is_rejected_before_allocating():
     data = npy_with_header({"descr": "<f4", "fortran_order": False, "shape": (2**29,)})  # 2 GiB if believed
     assert len(data) < 200
     tracemalloc.start()
-    assert_rejected(replaced("fc.bias", Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=data)), "fc.bias", "payload shape")
+    assert_rejected(
+        replaced("fc.bias", Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=data)),
+        "fc.bias",
+        "payload shape",
+    )
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 1 << 20
@@ -363,7 +369,9 @@ def test_npy_header_declaring_a_huge_shape_is_rejected_before_allocating():
 @pytest.mark.parametrize("body", [b"", b"\0" * 8, b"\0" * 16], ids=["empty", "short", "long"])
 def test_npy_body_of_the_wrong_size_is_rejected(body):
     data = npy_with_header({"descr": "<f4", "fortran_order": False, "shape": (3,)}, body)
-    assert_rejected(replaced("fc.bias", Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=data)), "fc.bias", "data bytes")
+    assert_rejected(
+        replaced("fc.bias", Array(dtype="float32", shape=(3,), stype=DENSE_STYPE, data=data)), "fc.bias", "data bytes"
+    )
 
 
 def test_fortran_order_npy_reads_as_numpy_would():

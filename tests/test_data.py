@@ -428,7 +428,9 @@ def test_hub_loading_converts_federated_dataset_splits(cache, monkeypatch):
     import flwr_datasets
 
     train, test = pixels(5, (3, 32, 32)), pixels(3, (3, 32, 32), 1)
-    FakeFederatedDataset.splits = {"uoft-cs/cifar10": {"train": hf_split(train, [0, 1, 2, 3, 4]), "test": hf_split(test, [9, 8, 7])}}
+    FakeFederatedDataset.splits = {
+        "uoft-cs/cifar10": {"train": hf_split(train, [0, 1, 2, 3, 4]), "test": hf_split(test, [9, 8, 7])}
+    }
     monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeFederatedDataset)
     monkeypatch.setattr(data, "_from_hub", REAL_FROM_HUB)
     assert_same(load_raw("cifar10", "", cache), expected_raw(train, [0, 1, 2, 3, 4], test, [9, 8, 7]))

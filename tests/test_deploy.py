@@ -82,7 +82,11 @@ def test_node_keys_are_openssh_ec_pairs(tmp_path):
 
 
 def online_nodes(home: str) -> list[str]:
-    return [node["node-id"] for node in flwr(home, "supernode", "list", local.FEDERATION)["nodes"] if node["status"] == "online"]
+    return [
+        node["node-id"]
+        for node in flwr(home, "supernode", "list", local.FEDERATION)["nodes"]
+        if node["status"] == "online"
+    ]
 
 
 def refused_intruder(state: Path, ca: Path, timeout: float = 60) -> str:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import RecordDict
+from test_client import Server, new_model, round_config
 
 from feddst_flwr.client import client_round
 from feddst_flwr.config import ConfigError
 from feddst_flwr.training import evaluate, resolve_device
-from test_client import Server, new_model, round_config
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="torch finds no CUDA device on this machine")

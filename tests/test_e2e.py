@@ -57,7 +57,10 @@ def flwr_stream(home: Path, run_config: str) -> subprocess.CompletedProcess:
     flwr = Path(sys.executable).with_name("flwr")
     return subprocess.run(
         [str(flwr), "run", str(ROOT), "--run-config", run_config, "--stream"],
-        env=env, capture_output=True, text=True, timeout=400,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
 
 
@@ -186,8 +189,9 @@ def final_state(results: Path, run_name: str) -> dict:
 def assert_same_model(first: dict, second: dict) -> None:
     assert first["round"] == second["round"]
     for key in ("arrays", "masks"):
-        one, other = first["arrays"] if key == "arrays" else first["strategy"]["masks"], (
-            second["arrays"] if key == "arrays" else second["strategy"]["masks"]
+        one, other = (
+            first["arrays"] if key == "arrays" else first["strategy"]["masks"],
+            (second["arrays"] if key == "arrays" else second["strategy"]["masks"]),
         )
         assert one.keys() == other.keys() and all(torch.equal(one[n], other[n]) for n in one), key
     assert first["strategy"]["mask_version"] == second["strategy"]["mask_version"]
@@ -200,7 +204,14 @@ def without(record: dict, keys: tuple[str, ...]) -> dict:
 def test_same_seed_same_run(flwr_home, tmp_path):
     """Node ids change between runs; sampling by partition-id keeps a seeded run
     reproducible: identical metrics (bytes included) and identical final masks and weights."""
-    overrides = {"num-server-rounds": 3, "clients-per-round": 2, "delta-r": 1, "r-end": 3, "alpha": 0.2, "checkpoint-every": 3}
+    overrides = {
+        "num-server-rounds": 3,
+        "clients-per-round": 2,
+        "delta-r": 1,
+        "r-end": 3,
+        "alpha": 0.2,
+        "checkpoint-every": 3,
+    }
     first, second = (flwr_run(flwr_home, tmp_path, f"repeat-{i}", overrides) for i in range(2))
     assert [without(r, ("wall-time",)) for r in first] == [without(r, ("wall-time",)) for r in second]
     assert first[-1]["mask-version"] >= 1  # the readjustments moved the mask
@@ -222,7 +233,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(flwr_home, tmp_path):
 
     assert len(interrupted) == 4 and [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
     assert [without(r, ("wall-time",)) for r in resumed[:3]] == [without(r, ("wall-time",)) for r in straight[:3]]
-    assert [without(r, ("wall-time", *DOWNLOAD)) for r in resumed] == [without(r, ("wall-time", *DOWNLOAD)) for r in straight]
+    assert [without(r, ("wall-time", *DOWNLOAD)) for r in resumed] == [
+        without(r, ("wall-time", *DOWNLOAD)) for r in straight
+    ]
     base, full_masks, _, _ = predicted_sizes()
     assert resumed[3]["masks-sent"] == RESUME["clients-per-round"]
     assert resumed[3]["download-bytes"] == RESUME["clients-per-round"] * (base + full_masks)
@@ -285,5 +298,7 @@ def test_too_small_federation_fails_with_one_clear_line(flwr_home, tmp_path):
     settings = {"classes-per-client": 1, "results-dir": str(tmp_path), "run-name": "small"}
     done = flwr_stream(flwr_home, " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items()))
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "feddst-flwr: cannot split" in line]
-    assert lines and "the federation's 5 SuperNodes" in lines[0] and "num-supernodes=50" in lines[0], done.stdout[-3000:]
+    assert lines and "the federation's 5 SuperNodes" in lines[0] and "num-supernodes=50" in lines[0], done.stdout[
+        -3000:
+    ]
     assert not (tmp_path / "small" / "metrics.jsonl").exists()

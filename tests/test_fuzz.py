@@ -10,10 +10,10 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_codec import MASKABLE, good_record, make_masks, make_state, reference
 
 from feddst_flwr import codec
 from feddst_flwr.mask_coding import MASK_STYPES
-from test_codec import MASKABLE, good_record, make_masks, make_state, reference
 
 SHAPES = reference(make_state())
 NAMES = sorted(good_record(send_mask=True))  # every layer and bitmask key of a valid payload
@@ -112,7 +112,9 @@ def test_huge_claimed_shapes_are_rejected_without_allocating(claimed):
     record = good_record()
     for name in ["fc.weight", "fc.weight:mask", "fc.bias"]:
         tampered = ArrayRecord({**{key: record[key] for key in record}})
-        tampered[name] = Array(dtype=record[name].dtype, shape=claimed, stype=record[name].stype, data=record[name].data)
+        tampered[name] = Array(
+            dtype=record[name].dtype, shape=claimed, stype=record[name].stype, data=record[name].data
+        )
         with pytest.raises(codec.CodecError, match="shape"):
             codec.decode(tampered, SHAPES, MASKABLE, None)
         decode_within_memory(tampered, None)

@@ -82,7 +82,12 @@ def test_metered_grid_counts_payload_bytes_and_take_resets():
     assert len(replies) == 3 and replies[2].has_error()
     traffic = grid.take()
     assert traffic == Traffic(
-        download=download, upload=upload, client_download=2001 + 2002, client_upload=1001 + 1002, messages=3, replies=3,
+        download=download,
+        upload=upload,
+        client_download=2001 + 2002,
+        client_upload=1001 + 1002,
+        messages=3,
+        replies=3,
         errors=1,
     )
     assert grid.take() == Traffic()

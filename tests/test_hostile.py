@@ -13,17 +13,17 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import random_data
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_strategy import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model
 
-from conftest import random_data
 from feddst_flwr.client import client_round
 from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUES_STYPE, HeldMask, decode, encode
 from feddst_flwr.mask_coding import CODED_HEADER, CODED_STYPE
 from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded
-from test_strategy import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -56,7 +56,9 @@ class Federation:
 
     def reply(self, message: Message) -> Message:
         node, content = message.metadata.dst_node_id, message.content
-        result = client_round(new_model(), self.data[node], content["arrays"], content["config"], self.cfg, self.states[node], node)
+        result = client_round(
+            new_model(), self.data[node], content["arrays"], content["config"], self.cfg, self.states[node], node
+        )
         return Message(result.content(), reply_to=message)
 
     def replies(self, server_round: int) -> tuple[list[Message], list[Message]]:
@@ -102,7 +104,9 @@ def layer(name: str, make_array):
 
     def tamper(reply: Message, strategy) -> RecordDict:
         record = reply.content["arrays"]
-        arrays = ArrayRecord({**{k: record[k] for k in record}, name: make_array(record[name] if name in record else None)})
+        arrays = ArrayRecord(
+            {**{k: record[k] for k in record}, name: make_array(record[name] if name in record else None)}
+        )
         return content(reply, arrays)
 
     return tamper
@@ -151,7 +155,14 @@ def scaled(factor: float):
 
     def tamper(reply: Message, strategy) -> RecordDict:
         record = reply.content["arrays"]
-        arrays = ArrayRecord({k: poke(lambda v: (v * factor).astype(v.dtype))(record[k]) if record[k].dtype == "float32" else record[k] for k in record})
+        arrays = ArrayRecord(
+            {
+                k: poke(lambda v: (v * factor).astype(v.dtype))(record[k])
+                if record[k].dtype == "float32"
+                else record[k]
+                for k in record
+            }
+        )
         return content(reply, arrays)
 
     return tamper
@@ -175,7 +186,9 @@ def remasked(change, name: str | None = None, array=None, delta_from: int | None
         base = HeldMask(strategy.masks, delta_from) if delta_from is not None else None
         arrays = encode(decoded.state, masks, True, "float32", base)
         if name is not None:
-            arrays[name] = reply.content["arrays"][name] if array is None else array(arrays[name]) if callable(array) else array
+            arrays[name] = (
+                reply.content["arrays"][name] if array is None else array(arrays[name]) if callable(array) else array
+            )
         return content(reply, arrays)
 
     return tamper
@@ -352,7 +365,10 @@ def test_replies_from_unsent_nodes_and_second_replies_are_dropped(make_cfg):
     stranger = Message(replies[0].content, reply_to=Message(RecordDict(), dst_node_id=99, message_type="train"))
     federation.aggregate(1, [*replies, replies[0], stranger])
     twin.aggregate(1, twin_replies)
-    assert [r.split(":")[0] for r in federation.strategy.health.rejected] == [f"node {replies[0].metadata.src_node_id}", "node 99"]
+    assert [r.split(":")[0] for r in federation.strategy.health.rejected] == [
+        f"node {replies[0].metadata.src_node_id}",
+        "node 99",
+    ]
     assert_identical(federation, twin)
 
 

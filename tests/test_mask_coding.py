@@ -14,8 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from feddst_flwr.mask_coding import (
-    BITMASK_STYPE, CODED_HEADER, CODED_STYPE, DELTA_HEADER, DELTA_STYPE, MaskCodingError, _encode_delta, _encode_full,
-    decode_mask, encode_mask,
+    BITMASK_STYPE,
+    CODED_HEADER,
+    CODED_STYPE,
+    DELTA_HEADER,
+    DELTA_STYPE,
+    MaskCodingError,
+    _encode_delta,
+    _encode_full,
+    decode_mask,
+    encode_mask,
 )
 
 SIZES = [1, 2, 7, 8, 9, 100, 1000, 100_000, 1_000_000]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from torch import nn
 
 from feddst_flwr import masks as M
@@ -340,7 +340,9 @@ def test_difference_active_and_units():
 
 
 def test_seeded_generator_mixes_its_keys():
-    draw = lambda *keys: torch.randint(0, 2**30, (4,), generator=M.seeded_generator(*keys)).tolist()
+    def draw(*keys):
+        return torch.randint(0, 2**30, (4,), generator=M.seeded_generator(*keys)).tolist()
+
     assert draw(0, 1, 2) == draw(0, 1, 2)
     assert len({tuple(draw(0, r, c)) for r in range(5) for c in range(5)}) == 25
     assert draw(1, 2) != draw(12) and draw(0, 12) != draw(1, 2)
@@ -383,7 +385,10 @@ def test_maskable_names_are_conv_and_linear_weights_only():
 
 def test_shapes_of():
     state = SmallNet().state_dict()
-    assert M.shapes_of(state, ["conv.weight", "head.1.weight"]) == {"conv.weight": (2, 1, 3, 3), "head.1.weight": (4, 8)}
+    assert M.shapes_of(state, ["conv.weight", "head.1.weight"]) == {
+        "conv.weight": (2, 1, 3, 3),
+        "head.1.weight": (4, 8),
+    }
 
 
 def test_maskable_names_of_a_bare_linear_match_its_state_dict():
@@ -405,7 +410,11 @@ def sorted_top_k(scores: torch.Tensor, k: int, generator: torch.Generator, votes
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.integers(1, 300), st.integers(0, 5), st.booleans(), st.integers(0, 2**31), st.floats(0.0, 1.0),
+    st.integers(1, 300),
+    st.integers(0, 5),
+    st.booleans(),
+    st.integers(0, 2**31),
+    st.floats(0.0, 1.0),
 )
 def test_top_k_selects_the_first_k_of_the_total_order(n, levels, with_votes, seed, fraction):
     """Few distinct score levels (many ties) and votes: the same positions as sorting everything."""

@@ -85,8 +85,14 @@ def test_hand_counts_written_out() -> None:
         6 * 3 * 5 * 5 + 16 * 6 * 5 * 5 + 6400 * 120 + 120 * 84 + 84 * 10,
     )
     assert _counts(CIFAR10) == (782_006, 781_770)  # ~782k weights, as in the paper
-    assert _counts(MNIST) == ((10 * 1 * 5 * 5 + 10) + (20 * 10 * 5 * 5 + 20) + (5120 * 50 + 50) + (50 * 10 + 10), 261_750)
-    assert _counts(FEMNIST) == ((32 * 25 + 32) + (64 * 32 * 25 + 64) + (3136 * 2048 + 2048) + (2048 * 62 + 62), 6_601_504)
+    assert _counts(MNIST) == (
+        (10 * 1 * 5 * 5 + 10) + (20 * 10 * 5 * 5 + 20) + (5120 * 50 + 50) + (50 * 10 + 10),
+        261_750,
+    )
+    assert _counts(FEMNIST) == (
+        (32 * 25 + 32) + (64 * 32 * 25 + 64) + (3136 * 2048 + 2048) + (2048 * 62 + 62),
+        6_601_504,
+    )
     # torchvision's ImageNet-stem resnet18 with 10 classes has 11,181,642 parameters; the
     # 3x3 bias-free stem replaces 64*3*7*7 stem weights by 64*3*3*3.
     assert _resnet18_counts(10)[0] == 11_181_642 - 64 * 3 * 7 * 7 + 64 * 3 * 3 * 3 == 11_173_962

@@ -80,7 +80,9 @@ def test_report_needs_feddst_runs(tmp_path):
 def test_write_report_makes_markdown_and_plot(experiment_dir):
     table = sim.write_report(experiment_dir, caption="Shortened: 2 rounds instead of 400.\n")
     text = (experiment_dir / "REPORT.md").read_text()
-    assert text.endswith(table) and text.startswith(f"# {experiment_dir.name}\n\nShortened: 2 rounds instead of 400.\n\n")
+    assert text.endswith(table) and text.startswith(
+        f"# {experiment_dir.name}\n\nShortened: 2 rounds instead of 400.\n\n"
+    )
     assert (experiment_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

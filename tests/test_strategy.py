@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import math
 import random
-import re
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from conftest import random_data
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from conftest import random_data
 from feddst_flwr.aggregation import ClientUpdate
 from feddst_flwr.client import MissingMaskError, client_round
 from feddst_flwr.codec import (
-    BITMASK_STYPE, MASK_SUFFIX, VALUES_STYPE, CodecError, HeldMask, carries_mask, decode, encode, payload_bytes,
+    MASK_SUFFIX,
+    CodecError,
+    HeldMask,
+    carries_mask,
+    decode,
+    encode,
+    payload_bytes,
 )
 from feddst_flwr.masks import active, difference, hamming, layer_counts, maskable_names, units
 from feddst_flwr.models import DigitsCNN
@@ -220,7 +224,9 @@ def test_mask_movement_statistics(federation):
     assert stats.mask_entered == active(entered) > 0
     assert stats.mask_entered_units == units(entered) > 1
     assert len(stats.mask_votes) == 3 + 1 and sum(stats.mask_votes) == stats.mask_entered
-    assert stats.mask_drift == pytest.approx(active(difference(initial, new)) / active(initial)) and stats.mask_drift > 0
+    assert (
+        stats.mask_drift == pytest.approx(active(difference(initial, new)) / active(initial)) and stats.mask_drift > 0
+    )
     drift = stats.mask_drift
     federation.round(3)  # no readjustment: nothing enters, the drift stays
     assert (strategy.stats.mask_entered, strategy.stats.mask_entered_units, strategy.stats.mask_votes) == (0, 0, [])
@@ -230,6 +236,7 @@ def test_mask_movement_statistics(federation):
 def test_reprune_tie_break_follows_the_seed_not_the_position(make_cfg):
     """Two FedDST servers that differ only in the seed, fed the same replies, keep different
     positions among ties; the same seed keeps the same."""
+
     def masks_after(seed: int) -> dict:
         federation = Federation(make_cfg(readjust_at="end"), strategy=make_strategy(r_end=10))
         federation.round(1)
@@ -319,7 +326,6 @@ def test_min_fit_fraction_decides_whether_the_round_counts(make_cfg, min_fit_fra
         assert all(torch.equal(masks_before[n], strategy.masks[n]) for n in MASKABLE) and strategy.mask_version == 0
     else:
         assert arrays is not None and federation.arrays is arrays
-
 
 
 def test_all_replies_invalid_keeps_the_model(federation):
@@ -442,7 +448,11 @@ def test_build_strategy_baselines_sample_clients_per_round(make_cfg, name):
 )
 def test_build_strategy_sparse(make_cfg, name, alpha, mu):
     cfg = make_cfg(
-        strategy=name, proximal_mu=0.01, clients_per_round=4, min_fit_fraction=0.75, max_num_examples=99,
+        strategy=name,
+        proximal_mu=0.01,
+        clients_per_round=4,
+        min_fit_fraction=0.75,
+        max_num_examples=99,
         max_update_norm=5.0,
     )
     strategy = build_strategy(cfg, MASKABLE)
@@ -481,7 +491,9 @@ def test_prunefl_keeps_the_top_sample_weighted_importance_per_layer():
         assert int(masks[name].sum()) == strategy.counts[name]
         if not masks[name].all():  # ERK may keep a small layer dense
             assert importance[masks[name]].min() >= importance[~masks[name]].max()
-    assert strategy.reconfigure(updates[2:], strategy.masks, generator) is strategy.masks  # no gradients: mask unchanged
+    assert (
+        strategy.reconfigure(updates[2:], strategy.masks, generator) is strategy.masks
+    )  # no gradients: mask unchanged
 
 
 def test_prunefl_asks_for_gradients_on_reconfiguration_rounds_only():

@@ -10,11 +10,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import erk_masks, random_data
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import erk_masks, random_data
 from feddst_flwr.data import TensorData
 from feddst_flwr.masks import apply_masks
 from feddst_flwr.models import DigitsCNN
