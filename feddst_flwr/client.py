@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from . import protocol as P
 from .codec import (
     CodecError,
     HeldMask,
@@ -25,11 +26,10 @@ from .config import ExperimentConfig
 from .data import TensorData
 from .masks import Masks, active, difference, maskable_names, seeded_generator, shapes_of
 from .training import Readjustment, dense_gradients, readjust_epoch, resolve_device, train
-from .validation import ECHOED, GRADIENTS_KEY, check_number
+from .validation import check_number
 
 MASK_STATE_KEY = "feddst-mask"  # Context.state: the global mask this node holds
 VERSION_STATE_KEY = "feddst-mask-version"
-MISSING_MASK = "feddst-missing-mask"  # error reason prefix: node lacks the mask version
 
 
 class MissingMaskError(RuntimeError):
@@ -45,8 +45,8 @@ class ClientResult:
     gradients: ArrayRecord | None = None
 
     def content(self) -> RecordDict:
-        extra = {GRADIENTS_KEY: self.gradients} if self.gradients is not None else {}
-        return RecordDict({"arrays": self.arrays, **extra, "metrics": self.metrics})
+        extra = {P.GRADIENTS: self.gradients} if self.gradients is not None else {}
+        return RecordDict({P.ARRAYS: self.arrays, **extra, P.METRICS: self.metrics})
 
 
 def held_mask(state: RecordDict, shapes: dict[str, tuple[int, ...]]) -> HeldMask | None:
@@ -65,8 +65,8 @@ def store_masks(state: RecordDict, masks: Masks, version: int) -> None:
 
 def check_config(config: ConfigRecord, sparse: bool) -> None:
     """Validate the server's round config; CodecError names the bad key."""
-    required = {"server-round": (int, 0, None)} | ({"mask-version": (int, 0, None)} if sparse else {})
-    optional = {"readjust-alpha": (float, 0.0, 1.0), "proximal-mu": (float, 0.0, None), "upload-gradients": (int, 0, 1)}
+    required = {P.SERVER_ROUND: (int, 0, None)} | ({P.MASK_VERSION: (int, 0, None)} if sparse else {})
+    optional = {P.READJUST_ALPHA: (float, 0.0, 1.0), P.PROXIMAL_MU: (float, 0.0, None), P.UPLOAD_GRADIENTS: (int, 0, 1)}
     missing = sorted(set(required) - set(config))
     if missing:
         raise CodecError(f"server config lacks '{missing[0]}'")
@@ -87,11 +87,11 @@ def receive(
     if not is_sparse(arrays):
         return decode(arrays, reference, [], None).state, None
     maskable = maskable_names(model)
-    version = int(config["mask-version"])
+    version = int(config[P.MASK_VERSION])
     held = held_mask(node_state, shapes_of(initial, maskable))
     if not carries_mask(arrays) and (held is None or held.version != version):
         raise MissingMaskError(
-            f"{MISSING_MASK}: the server sent values for mask version {version} without its mask "
+            f"{P.MISSING_MASK}: the server sent values for mask version {version} without its mask "
             "and this node does not hold that version; it will get the mask next round"
         )
     decoded = decode(arrays, reference, maskable, held)
@@ -110,7 +110,7 @@ def injected_failure(cfg: ExperimentConfig, config: ConfigRecord, partition_id: 
     drawn from (seed, round, partition-id), so a run's failures are reproducible."""
     if cfg.client_failure_rate == 0:
         return False
-    draw = random.Random(f"{cfg.seed}:{config.get('server-round', 0)}:{partition_id}").random()
+    draw = random.Random(f"{cfg.seed}:{config.get(P.SERVER_ROUND, 0)}:{partition_id}").random()
     return draw < cfg.client_failure_rate
 
 
@@ -130,8 +130,8 @@ def client_round(
     model.to(device).load_state_dict(state)
     data = data.to(device)
 
-    generator = seeded_generator(cfg.seed, int(config["server-round"]), partition_id)
-    alpha_r = float(config.get("readjust-alpha", 0.0))
+    generator = seeded_generator(cfg.seed, int(config[P.SERVER_ROUND]), partition_id)
+    alpha_r = float(config.get(P.READJUST_ALPHA, 0.0))
     readjust = (
         Readjustment(alpha_r, readjust_epoch(cfg.readjust_at, cfg.local_epochs), cfg.grow_batches)
         if masks is not None and alpha_r > 0
@@ -140,7 +140,7 @@ def client_round(
     local = train(
         model, data, on(masks, device),
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, proximal_mu=float(config.get("proximal-mu", 0.0)), generator=generator,
+        weight_decay=cfg.weight_decay, proximal_mu=float(config.get(P.PROXIMAL_MU, 0.0)), generator=generator,
         readjust=readjust,
     )  # fmt: skip
     local_masks = on(local.masks, torch.device("cpu"))
@@ -148,23 +148,23 @@ def client_round(
 
     weights = model.state_dict()
     weights = {name: tensor.cpu() for name, tensor in weights.items()}
-    sent = HeldMask(masks, int(config["mask-version"])) if masks is not None else None  # the server holds it too
+    sent = HeldMask(masks, int(config[P.MASK_VERSION])) if masks is not None else None  # the server holds it too
     reply = (
         encode(weights, local_masks, entered > 0, cfg.value_dtype, sent) if sent is not None else ArrayRecord(weights)
     )
     gradients = None
-    if int(config.get("upload-gradients", 0)):  # PruneFL reconfiguration round
+    if int(config.get(P.UPLOAD_GRADIENTS, 0)):  # PruneFL reconfiguration round
         names = maskable_names(model)
         squared = dense_gradients(model, data, names, cfg.grow_batches, cfg.batch_size, generator, squared=True)
         gradients = ArrayRecord({name: tensor.cpu() for name, tensor in squared.items()})
     metrics = MetricRecord(
         {
-            "num-examples": len(data),
-            "train-loss": local.loss,
-            "mask-entered": entered,
-            "upload-bytes": payload_bytes(reply) + (payload_bytes(gradients) if gradients is not None else 0),
-            "download-bytes": payload_bytes(arrays),
-            **{key: config[key] for key in ECHOED if key in config},  # what this reply answers
+            P.NUM_EXAMPLES: len(data),
+            P.TRAIN_LOSS: local.loss,
+            P.MASK_ENTERED: entered,
+            P.UPLOAD_BYTES: payload_bytes(reply) + (payload_bytes(gradients) if gradients is not None else 0),
+            P.DOWNLOAD_BYTES: payload_bytes(arrays),
+            **{key: config[key] for key in P.ECHOED if key in config},  # what this reply answers
         }
     )
     return ClientResult(reply, metrics, gradients)

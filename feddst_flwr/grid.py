@@ -11,25 +11,24 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from . import protocol as P
 from .codec import CodecError, payload_bytes
 from .validation import check_number
-
-PARTITION_ID = "partition-id"
 
 
 def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
     """Ask every connected node for its partition-id (a QUERY message, answered by the
     client app); node ids change from run to run, partition ids do not."""
-    query = RecordDict({"config": ConfigRecord({"query": PARTITION_ID})})
+    query = RecordDict({P.CONFIG: ConfigRecord({P.QUERY: P.PARTITION_ID})})
     messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
     order = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         try:
-            if reply.has_error() or "metrics" not in reply.content.metric_records:
+            if reply.has_error() or P.METRICS not in reply.content.metric_records:
                 raise CodecError("no partition-id in the reply")
-            value = reply.content.metric_records["metrics"].get(PARTITION_ID)
-            check_number("reply metric", PARTITION_ID, value, int, 0, None)
+            value = reply.content.metric_records[P.METRICS].get(P.PARTITION_ID)
+            check_number("reply metric", P.PARTITION_ID, value, int, 0, None)
             order[node] = value
         except CodecError as err:
             log(WARNING, "node %d has no valid partition-id (%s): it is listed after the others", node, err)
@@ -91,10 +90,10 @@ class ServerGrid(Grid):
             self.traffic.upload += message_bytes(reply)
             self.traffic.replies += 1
             self.traffic.errors += reply.has_error()
-            if not reply.has_error() and "metrics" in reply.content.metric_records:
-                metrics = reply.content.metric_records["metrics"]
-                self.traffic.client_upload += reported_bytes(metrics, "upload-bytes")
-                self.traffic.client_download += reported_bytes(metrics, "download-bytes")
+            if not reply.has_error() and P.METRICS in reply.content.metric_records:
+                metrics = reply.content.metric_records[P.METRICS]
+                self.traffic.client_upload += reported_bytes(metrics, P.UPLOAD_BYTES)
+                self.traffic.client_download += reported_bytes(metrics, P.DOWNLOAD_BYTES)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
+from . import protocol as P
 from .aggregation import ClientUpdate, ServerOptimizer, Votes, aggregate
 from .checkpoint import Checkpoint, CheckpointError
 from .codec import CodecError, HeldMask, decode, decode_dense, encode
@@ -34,7 +35,7 @@ from .masks import (
     shapes_of,
     units,
 )
-from .validation import GRADIENTS_KEY, Instruction, ReplyGuard, check_reply, guarded, outliers, update_norm
+from .validation import Instruction, ReplyGuard, check_reply, guarded, outliers, update_norm
 
 
 @dataclass
@@ -118,9 +119,9 @@ class FedDST(ReplyGuard):
         value_dtype: str = "float32",
         seed: int = 0,
         server_optimizer: ServerOptimizer | None = None,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
+        weighted_by_key: str = P.NUM_EXAMPLES,
+        arrayrecord_key: str = P.ARRAYS,
+        configrecord_key: str = P.CONFIG,
     ) -> None:
         self.maskable = list(maskable)
         self.sparsity = sparsity
@@ -295,10 +296,10 @@ class FedDST(ReplyGuard):
         config = ConfigRecord(
             {
                 **config,
-                "server-round": server_round,
-                "mask-version": self.mask_version,
-                "readjust-alpha": alpha_r,
-                "proximal-mu": self.proximal_mu,
+                P.SERVER_ROUND: server_round,
+                P.MASK_VERSION: self.mask_version,
+                P.READJUST_ALPHA: alpha_r,
+                P.PROXIMAL_MU: self.proximal_mu,
             }
         )
         payloads: dict[int | None, ArrayRecord] = {}  # by the version the node holds
@@ -411,7 +412,7 @@ class FedDST(ReplyGuard):
         """Decode one reply's sparse payload (ReplyGuard has checked its records and
         metrics); CodecError names the problem."""
         content = reply.content
-        num_examples = int(content.metric_records["metrics"][self.weighted_by_key])
+        num_examples = int(content.metric_records[P.METRICS][self.weighted_by_key])
         values = content.array_records[self.arrayrecord_key]
         for name in self.maskable:
             if name in values and values[name].dtype != self.value_dtype:
@@ -462,7 +463,7 @@ class PruneFL(FedDST):
     def prune_on_one_client(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         """Train the dense initial model on the first node (grid order), prune it by magnitude."""
         _, nodes = sample_nodes(grid, self.min_available_nodes, 1)
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({"server-round": 0})})
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({P.SERVER_ROUND: 0})})
         message = Message(content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)
         (reply,) = grid.send_and_receive([message])
         try:
@@ -483,7 +484,7 @@ class PruneFL(FedDST):
     ) -> Iterable[Message]:
         """Ask for dense squared gradients on reconfiguration rounds."""
         self.asks_gradients = server_round <= self.r_end and server_round % self.delta_r == 0
-        config = ConfigRecord({**config, "upload-gradients": int(self.asks_gradients)})
+        config = ConfigRecord({**config, P.UPLOAD_GRADIENTS: int(self.asks_gradients)})
         return super()._configure_train(server_round, arrays, config, grid)
 
     def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
@@ -499,7 +500,7 @@ class PruneFL(FedDST):
         """FedDST's validation, plus the dense gradients on reconfiguration rounds."""
         update = super()._decode_reply(reply)
         if self.asks_gradients:
-            record = reply.content.array_records[GRADIENTS_KEY]
+            record = reply.content.array_records[P.GRADIENTS]
             if set(record) != set(self.maskable):
                 raise CodecError(f"gradients cover {sorted(record)}, expected {sorted(self.maskable)}")
             update.gradients = {name: decode_dense(name, record[name], self.shapes[name]) for name in self.maskable}

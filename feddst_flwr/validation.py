@@ -21,21 +21,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from . import protocol as P
 from .codec import DENSE_STYPE, CodecError, decode_dense, is_sparse
-
-REJECTED_CODE = 4010  # Error.code of a reply the server refused (the reason follows)
-ARRAYS_KEY, METRICS_KEY, GRADIENTS_KEY = "arrays", "metrics", "gradients"
-ECHOED = ("server-round", "mask-version")  # instruction keys a reply must carry back unchanged
 
 # kind, low, high (None: unbounded) of every metric a client reports; see `check_number`
 REPLY_METRICS: dict[str, tuple[type, float, float | None]] = {
-    "num-examples": (int, 1, None),  # the upper bound is the run's max-num-examples
-    "train-loss": (float, 0.0, None),
-    "mask-entered": (int, 0, None),
-    "upload-bytes": (int, 0, None),
-    "download-bytes": (int, 0, None),
-    "server-round": (int, 0, None),
-    "mask-version": (int, 0, None),
+    P.NUM_EXAMPLES: (int, 1, None),  # the upper bound is the run's max-num-examples
+    P.TRAIN_LOSS: (float, 0.0, None),
+    P.MASK_ENTERED: (int, 0, None),
+    P.UPLOAD_BYTES: (int, 0, None),
+    P.DOWNLOAD_BYTES: (int, 0, None),
+    P.SERVER_ROUND: (int, 0, None),
+    P.MASK_VERSION: (int, 0, None),
 }
 
 
@@ -60,10 +57,10 @@ class Instruction:
 
     @classmethod
     def of(cls, message: Message) -> Instruction:
-        config = message.content.config_records.get("config", ConfigRecord())
-        echo = {key: config[key] for key in ECHOED if key in config}
-        records = {ARRAYS_KEY} | ({GRADIENTS_KEY} if config.get("upload-gradients", 0) else set())
-        arrays = message.content.array_records.get(ARRAYS_KEY, ArrayRecord())
+        config = message.content.config_records.get(P.CONFIG, ConfigRecord())
+        echo = {key: config[key] for key in P.ECHOED if key in config}
+        records = {P.ARRAYS} | ({P.GRADIENTS} if config.get(P.UPLOAD_GRADIENTS, 0) else set())
+        arrays = message.content.array_records.get(P.ARRAYS, ArrayRecord())
         dense = {name: (a.dtype, tuple(a.shape)) for name, a in arrays.items() if a.stype == DENSE_STYPE}
         return cls(echo, frozenset(records), is_sparse(arrays), dense)
 
@@ -76,21 +73,21 @@ def check_reply(reply: Message, instruction: Instruction, max_num_examples: int)
         "array": sorted(content.array_records), "config": sorted(content.config_records),
         "metric": sorted(content.metric_records),
     }  # fmt: skip
-    expected = {"array": sorted(instruction.array_records), "config": [], "metric": [METRICS_KEY]}
+    expected = {"array": sorted(instruction.array_records), "config": [], "metric": [P.METRICS]}
     if records != expected:
         raise CodecError(f"reply records {records}, expected {expected}")
-    check_metrics(content.metric_records[METRICS_KEY], instruction, max_num_examples)
-    check_dense(content.array_records[ARRAYS_KEY], instruction)
+    check_metrics(content.metric_records[P.METRICS], instruction, max_num_examples)
+    check_dense(content.array_records[P.ARRAYS], instruction)
 
 
 def check_metrics(metrics: MetricRecord, instruction: Instruction, max_num_examples: int) -> None:
     """Exactly the expected metric keys, each in range; echoed keys equal the instruction's."""
-    expected = {key for key in REPLY_METRICS if key not in ECHOED} | set(instruction.echo)
+    expected = {key for key in REPLY_METRICS if key not in P.ECHOED} | set(instruction.echo)
     if set(metrics) != expected:
         raise CodecError(f"reply metrics {sorted(metrics)}, expected {sorted(expected)}")
     for key in sorted(expected):
         kind, low, high = REPLY_METRICS[key]
-        check_number("reply metric", key, metrics[key], kind, low, max_num_examples if key == "num-examples" else high)
+        check_number("reply metric", key, metrics[key], kind, low, max_num_examples if key == P.NUM_EXAMPLES else high)
     for key, value in instruction.echo.items():
         if metrics[key] != value:
             raise CodecError(f"reply answers {key} {metrics[key]}, this round sent {value} (stale or misdirected)")
@@ -228,16 +225,16 @@ class ReplyGuard(Strategy):
     def refuse(self, sent: Message, reason: str) -> Message:
         """Reject the reply to `sent`; the error reply that replaces it."""
         self.reject(sent.metadata.dst_node_id, reason)
-        return Message(Error(code=REJECTED_CODE, reason=f"rejected by the server: {reason}"), reply_to=sent)
+        return Message(Error(code=P.REJECTED_CODE, reason=f"rejected by the server: {reason}"), reply_to=sent)
 
     def refuse_outliers(self, replies: list[Message]) -> list[Message]:
         """Dense replies whose update norm is an outlier (max_update_norm); FedDST bounds
         its sparse updates after decoding them."""
         if self.max_update_norm <= 0:
             return replies
-        dense = [i for i, r in enumerate(replies) if not r.has_error() and not is_sparse(r.content[ARRAYS_KEY])]
+        dense = [i for i, r in enumerate(replies) if not r.has_error() and not is_sparse(r.content[P.ARRAYS])]
         old = {name: array.numpy() for name, array in self._global.items()}
-        norms = [update_norm({n: a.numpy() for n, a in replies[i].content[ARRAYS_KEY].items()}, old) for i in dense]
+        norms = [update_norm({n: a.numpy() for n, a in replies[i].content[P.ARRAYS].items()}, old) for i in dense]
         for i, reason in zip(dense, outliers(norms, self.max_update_norm)):
             if reason is not None:
                 replies[i] = self.refuse(self._sent[replies[i].metadata.src_node_id], reason)

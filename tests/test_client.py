@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp.strategy import FedProx
 
 from feddst_flwr import client as client_module
+from feddst_flwr import protocol as P
 from feddst_flwr.client import MissingMaskError, client_round, held_mask, injected_failure
 from feddst_flwr.codec import DENSE_STYPE, CodecError, HeldMask, carries_mask, decode, encode, is_sparse, payload_bytes
 from feddst_flwr.masks import apply_masks, hamming, maskable_names
@@ -179,7 +180,7 @@ def test_unknown_version_without_bitmask_raises_missing_mask(server, make_cfg, d
     with pytest.raises(MissingMaskError, match=r"version 4\b") as error:
         client_round(new_model(), data, server.payload(False), round_config(2, version=4), make_cfg(), node_state, 0)
 
-    assert str(error.value).startswith(client_module.MISSING_MASK)
+    assert str(error.value).startswith(P.MISSING_MASK)
     assert len(spy) == calls  # no training happened
     if held_version is not None:  # the held mask is kept
         assert held_mask(node_state, server.shapes()).version == held_version
@@ -292,7 +293,7 @@ def test_client_app_missing_mask_gives_error_reply(client_app, context):
     msg = instruction(app_server(context).payload(False), round_config(2, version=2))
     reply = client_app.app(msg, context)
     assert reply.has_error() and not reply.has_content()
-    assert reply.error.code == client_app.MISSING_MASK_CODE
+    assert reply.error.code == P.MISSING_MASK_CODE
     assert "version 2" in reply.error.reason
     assert reply.metadata.dst_node_id == msg.metadata.src_node_id
     assert reply.metadata.src_node_id == msg.metadata.dst_node_id == 3
@@ -378,10 +379,10 @@ def test_client_rejects_a_bad_server_message_and_keeps_its_mask(server, make_cfg
 @pytest.mark.usefixtures("task_identity")
 def test_client_app_replies_with_an_error_to_a_bad_message(client_app, context):
     reply = client_app.app(instruction(nan_payload(app_server(context)), round_config(1)), context)
-    assert reply.has_error() and reply.error.code == client_app.BAD_MESSAGE_CODE and "NaN" in reply.error.reason
+    assert reply.has_error() and reply.error.code == P.BAD_MESSAGE_CODE and "NaN" in reply.error.reason
     config_only = Message(RecordDict({"config": round_config(1)}), message_type=MessageType.TRAIN, dst_node_id=3)
     reply = client_app.app(config_only, context)
-    assert reply.has_error() and reply.error.code == client_app.BAD_MESSAGE_CODE and "'arrays'" in reply.error.reason
+    assert reply.has_error() and reply.error.code == P.BAD_MESSAGE_CODE and "'arrays'" in reply.error.reason
 
 
 def test_injected_failures_are_reproducible_and_at_the_configured_rate(make_cfg):
@@ -396,4 +397,4 @@ def test_injected_failures_are_reproducible_and_at_the_configured_rate(make_cfg)
 def test_client_app_injected_failure_is_an_error_reply(client_app, context):
     context.run_config["client-failure-rate"] = 0.999
     reply = client_app.app(instruction(app_server(context).payload(True), round_config(1)), context)
-    assert reply.has_error() and reply.error.code == client_app.INJECTED_FAILURE_CODE
+    assert reply.has_error() and reply.error.code == P.INJECTED_FAILURE_CODE

@@ -8,8 +8,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from feddst_flwr import protocol as P
 from feddst_flwr.codec import encode, payload_bytes
-from feddst_flwr.grid import PARTITION_ID, ServerGrid, Traffic, partition_ids
+from feddst_flwr.grid import ServerGrid, Traffic, partition_ids
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -59,7 +60,7 @@ def instruction(node_id: int, records: dict) -> Message:
 def reply_for(message: Message) -> Message:
     node = message.metadata.dst_node_id
     if node == 3:
-        return Message(Error(code=4001, reason="missing mask"), reply_to=message)
+        return Message(Error(code=P.MISSING_MASK_CODE, reason="missing mask"), reply_to=message)
     arrays = sparse_record(send_mask=node == 2)
     metrics = MetricRecord({"num-examples": 10, "upload-bytes": 1000 + node, "download-bytes": 2000 + node})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
@@ -131,7 +132,7 @@ def partition_reply(message: Message) -> Message:
     node = message.metadata.dst_node_id
     if node == 6:
         return Message(Error(code=0, reason="no query handler"), reply_to=message)
-    return Message(RecordDict({"metrics": MetricRecord({PARTITION_ID: 12 - node})}), reply_to=message)
+    return Message(RecordDict({"metrics": MetricRecord({P.PARTITION_ID: 12 - node})}), reply_to=message)
 
 
 def test_partition_ids_asks_every_node_and_skips_failures():

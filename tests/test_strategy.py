@@ -14,6 +14,7 @@ from conftest import random_data
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
+from feddst_flwr import protocol as P
 from feddst_flwr.aggregation import ClientUpdate
 from feddst_flwr.client import MissingMaskError, client_round
 from feddst_flwr.codec import (
@@ -33,7 +34,6 @@ from feddst_flwr.validation import Instruction, ReplyGuard, check_reply
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 WIDTH = 8
-MISSING_MASK_CODE = 4001
 
 
 def new_model() -> DigitsCNN:
@@ -84,7 +84,7 @@ class Federation:
         try:
             result = client_round(new_model(), self.data[node], arrays, config, self.cfg, self.states[node], node)
         except MissingMaskError as err:
-            return Message(Error(code=MISSING_MASK_CODE, reason=str(err)), reply_to=message)
+            return Message(Error(code=P.MISSING_MASK_CODE, reason=str(err)), reply_to=message)
         return Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=message)
 
     def aggregate(self, server_round: int, replies: list[Message]):
