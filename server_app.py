@@ -17,7 +17,8 @@ from feddst_flwr.grid import ServerGrid, partition_ids
 from feddst_flwr.masks import maskable_names
 from feddst_flwr.metrics import RoundRecorder
 from feddst_flwr.models import build_model
-from feddst_flwr.strategy import FedDST, build_strategy
+from feddst_flwr.registry import build_strategy
+from feddst_flwr.strategy import FedDST
 
 app = ServerApp()
 
@@ -33,13 +34,13 @@ def main(grid: Grid, context: Context) -> None:
     scheme = cfg.partition_scheme(cfg.num_partitions or len(list(grid.get_node_ids())))
     client_weights = client_test_weights(raw, federation_partitions(raw, scheme, cfg), scheme, cfg.num_classes)
     strategy = build_strategy(cfg, maskable_names(model))
-    mask_state = (lambda: (strategy.masks, strategy.stats)) if isinstance(strategy, FedDST) else None
+    mask_state = (lambda: (strategy.masks, strategy.stats)) if cfg.is_sparse else None
     test_data = to_tensors(cfg.dataset, raw.x_test, raw.y_test)
     initial_arrays = ArrayRecord(model.state_dict())  # on the CPU; the recorder moves the model to cfg.device
     recorder = RoundRecorder(cfg, model, test_data, client_weights, server_grid, mask_state, lambda: strategy.health)
     run = {"grid": server_grid, "initial_arrays": initial_arrays,
            "num_rounds": cfg.num_server_rounds, "timeout": cfg.round_timeout}  # fmt: skip
-    if not isinstance(strategy, FedDST):  # Flower's own loop; no checkpoints (see config)
+    if not cfg.is_sparse:  # Flower's own loop; no checkpoints (see config)
         strategy.start(**run, evaluate_fn=recorder)
         return
     resume = load_checkpoint(cfg) if cfg.resume else None

@@ -8,12 +8,14 @@ import os
 from dataclasses import asdict, dataclass
 from dataclasses import fields as fields_of
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import ExperimentConfig
 from .grid import Traffic
+
+if TYPE_CHECKING:  # the config imports the strategies, which checkpoint
+    from .config import ExperimentConfig
 
 FORMAT = 2  # 2: the strategy state holds the initial mask (mask-drift)
 # Keys that may change between the interrupted run and its resumption.

@@ -9,10 +9,10 @@ from typing import Any
 from .aggregation import SERVER_OPTIMIZERS
 from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme
 from .models import MODELS
+from .registry import STRATEGIES
 from .training import DEVICES, READJUST_AT
 
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "feddst", "feddst-prox", "randommask", "prunefl")
-SPARSE_STRATEGIES = ("feddst", "feddst-prox", "randommask", "prunefl")
+SPARSE_STRATEGIES = tuple(name for name, spec in STRATEGIES.items() if spec.sparse)
 DISTRIBUTIONS = ("erk", "er", "uniform")
 VALUE_DTYPES = ("float32", "float16")
 
@@ -87,7 +87,7 @@ class ExperimentConfig:
 
     @property
     def is_sparse(self) -> bool:
-        return self.strategy in SPARSE_STRATEGIES
+        return self.strategy in STRATEGIES and STRATEGIES[self.strategy].sparse
 
     @property
     def readjust_end(self) -> int:
@@ -96,14 +96,14 @@ class ExperimentConfig:
 
     @property
     def effective_alpha(self) -> float:
-        """randommask is FedDST with alpha = 0 (the random ERK mask never moves); PruneFL's
-        clients never readjust either (its server does)."""
-        return 0.0 if self.strategy in ("randommask", "prunefl") else self.alpha
+        """alpha for strategies whose clients readjust, else 0 (randommask: the random ERK mask
+        never moves; PruneFL: its server reconfigures)."""
+        return self.alpha if STRATEGIES[self.strategy].readjusts else 0.0
 
     @property
     def effective_mu(self) -> float:
-        """Proximal coefficient: only fedprox and feddst-prox use one."""
-        return self.proximal_mu if self.strategy in ("fedprox", "feddst-prox") else 0.0
+        """Proximal coefficient of strategies that use one (fedprox, feddst-prox), else 0."""
+        return self.proximal_mu if STRATEGIES[self.strategy].proximal else 0.0
 
     @property
     def name(self) -> str:
@@ -112,7 +112,7 @@ class ExperimentConfig:
     @property
     def effective_server_lr(self) -> float:
         """server-lr, or its default: 0.01 for Adam (fedadam, server-optimizer adam), else 1.0."""
-        adam = self.strategy == "fedadam" or (self.is_sparse and self.server_optimizer == "adam")
+        adam = STRATEGIES[self.strategy].adam or (self.is_sparse and self.server_optimizer == "adam")
         return self.server_lr or (0.01 if adam else 1.0)
 
     @property
@@ -128,7 +128,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
         checks = [
-            (self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}"),
+            (self.strategy in STRATEGIES, "strategy", f"one of {tuple(STRATEGIES)}"),
             (self.num_server_rounds >= 1, "num-server-rounds", ">= 1"),
             (0.0 < self.fraction_train <= 1.0, "fraction-train", "in (0, 1]"),
             (self.clients_per_round >= 0, "clients-per-round", ">= 0 (0: use fraction-train)"),

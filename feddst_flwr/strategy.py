@@ -13,14 +13,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result, Strategy
+from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from . import protocol as P
 from .aggregation import ClientUpdate, ServerOptimizer, Votes, aggregate
 from .checkpoint import Checkpoint, CheckpointError
-from .codec import CodecError, HeldMask, decode, decode_dense, encode
-from .config import ExperimentConfig
+from .codec import CodecError, HeldMask, decode, encode
 from .masks import (
     Masks,
     active,
@@ -28,14 +27,13 @@ from .masks import (
     difference,
     hamming,
     layer_counts,
-    magnitude_prune,
     random_masks,
     readjust_alpha,
     seeded_generator,
     shapes_of,
     units,
 )
-from .validation import Instruction, ReplyGuard, check_reply, guarded, outliers, update_norm
+from .validation import ReplyGuard, outliers, update_norm
 
 
 @dataclass
@@ -444,111 +442,3 @@ class FedDST(ReplyGuard):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """No federated evaluation (see configure_evaluate)."""
         return None
-
-
-class PruneFL(FedDST):
-    """PruneFL (Jiang et al. 2022) as the FedDST paper compares it: the initial mask is one
-    client's locally trained model pruned by magnitude to the ERK counts; clients never
-    readjust (alpha = 0), but every delta_r rounds up to r_end they also upload their dense
-    squared gradients (counted in full), and the server keeps, per layer, the weights of
-    highest sample-weighted importance; weights that enter the mask start at zero."""
-
-    asks_gradients = False  # this round is a reconfiguration round
-
-    def initial_arrays(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
-        """The round-1 global model: one client's pruning of the initial weights."""
-        self.initialize(arrays)
-        return self.prune_on_one_client(grid, arrays)
-
-    def prune_on_one_client(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
-        """Train the dense initial model on the first node (grid order), prune it by magnitude."""
-        _, nodes = sample_nodes(grid, self.min_available_nodes, 1)
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({P.SERVER_ROUND: 0})})
-        message = Message(content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)
-        (reply,) = grid.send_and_receive([message])
-        try:
-            if reply.has_error():
-                raise CodecError(f"error reply {reply.error.code}: {reply.error.reason}")
-            check_reply(reply, Instruction.of(message), self.max_num_examples)
-        except CodecError as err:
-            raise RuntimeError(f"PruneFL's initial pruning failed on node {nodes[0]}: {err}") from err
-        state = decode(reply.content.array_records[self.arrayrecord_key], self.shapes, [], None).state
-        self.masks = self.initial_masks = magnitude_prune(
-            state, None, self.counts, seeded_generator(self.seed, "prunefl")
-        )
-        apply_masks(state, self.masks)
-        return ArrayRecord(state)
-
-    def _configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Ask for dense squared gradients on reconfiguration rounds."""
-        self.asks_gradients = server_round <= self.r_end and server_round % self.delta_r == 0
-        config = ConfigRecord({**config, P.UPLOAD_GRADIENTS: int(self.asks_gradients)})
-        return super()._configure_train(server_round, arrays, config, grid)
-
-    def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
-        """On reconfiguration rounds, the top importance sum(n_c g_c^2) / sum(n_c) per layer."""
-        reporting = [u for u in updates if u.gradients is not None]
-        if not reporting:
-            return masks
-        total = sum(u.num_examples for u in reporting)
-        importance = {name: sum(u.num_examples * u.gradients[name] for u in reporting) / total for name in masks}
-        return magnitude_prune(importance, None, self.counts, generator)
-
-    def _decode_reply(self, reply: Message) -> ClientUpdate:
-        """FedDST's validation, plus the dense gradients on reconfiguration rounds."""
-        update = super()._decode_reply(reply)
-        if self.asks_gradients:
-            record = reply.content.array_records[P.GRADIENTS]
-            if set(record) != set(self.maskable):
-                raise CodecError(f"gradients cover {sorted(record)}, expected {sorted(self.maskable)}")
-            update.gradients = {name: decode_dense(name, record[name], self.shapes[name]) for name in self.maskable}
-        return update
-
-
-def build_strategy(cfg: ExperimentConfig, maskable: list[str]) -> Strategy:
-    """The run config's strategy: FedDST (feddst, feddst-prox, randommask) or Flower's own
-    FedAvg / FedAvgM / FedAdam / FedProx, each behind the reply guard (validation.py). All
-    evaluate centrally, so federated evaluation is off."""
-    sampling = {
-        # Flower samples max(int(n * fraction), min_train_nodes): a fixed count rides on the minimum
-        "fraction_train": cfg.fraction_train if not cfg.clients_per_round else 1e-9,
-        "min_train_nodes": cfg.clients_per_round or 2,
-        "min_available_nodes": max(cfg.clients_per_round, 2),
-    }
-    baselines = {
-        "fedavg": (FedAvg, {}),
-        "fedavgm": (FedAvgM, {"server_learning_rate": cfg.effective_server_lr, "server_momentum": cfg.server_momentum}),
-        "fedadam": (FedAdam, {
-            "eta": cfg.effective_server_lr, "eta_l": cfg.lr, "beta_1": cfg.server_momentum, "beta_2": cfg.server_beta2,
-            "tau": cfg.server_tau,
-        }),
-        "fedprox": (FedProx, {"proximal_mu": cfg.proximal_mu}),
-    }  # fmt: skip
-    if cfg.strategy in baselines:
-        cls, options = baselines[cfg.strategy]
-        strategy = guarded(cls)(fraction_evaluate=0.0, **options, **sampling)
-        strategy.max_num_examples, strategy.max_update_norm = cfg.max_num_examples, cfg.max_update_norm
-        return strategy
-    return (PruneFL if cfg.strategy == "prunefl" else FedDST)(
-        maskable,
-        sparsity=cfg.sparsity,
-        distribution=cfg.sparsity_distribution,
-        alpha=cfg.effective_alpha,
-        delta_r=cfg.delta_r,
-        r_end=cfg.readjust_end,
-        fraction_train=cfg.fraction_train,
-        clients_per_round=cfg.clients_per_round,
-        min_available_nodes=sampling["min_available_nodes"],
-        proximal_mu=cfg.effective_mu,
-        min_votes=cfg.min_votes,
-        min_fit_fraction=cfg.min_fit_fraction,
-        max_num_examples=cfg.max_num_examples,
-        max_update_norm=cfg.max_update_norm,
-        value_dtype=cfg.value_dtype,
-        seed=cfg.seed,
-        server_optimizer=ServerOptimizer(
-            cfg.server_optimizer, cfg.effective_server_lr, cfg.server_momentum, cfg.server_beta2, cfg.server_tau
-        ),
-    )

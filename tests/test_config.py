@@ -137,8 +137,9 @@ def test_run_name_default_and_override(run_config):
 
 @pytest.mark.parametrize(
     "strategy, sparse, alpha, mu",
-    [("fedavg", False, 0.3, 0.0), ("fedavgm", False, 0.3, 0.0), ("fedprox", False, 0.3, 0.02),
-     ("feddst", True, 0.3, 0.0), ("feddst-prox", True, 0.3, 0.02), ("randommask", True, 0.0, 0.0)],
+    [("fedavg", False, 0.0, 0.0), ("fedavgm", False, 0.0, 0.0), ("fedprox", False, 0.0, 0.02),
+     ("fedadam", False, 0.0, 0.0), ("feddst", True, 0.3, 0.0), ("feddst-prox", True, 0.3, 0.02),
+     ("randommask", True, 0.0, 0.0), ("prunefl", True, 0.0, 0.0)],
 )  # fmt: skip
 def test_strategy_derived_properties(run_config, strategy, sparse, alpha, mu):
     cfg = parse(run_config, strategy=strategy, **{"proximal-mu": 0.02})

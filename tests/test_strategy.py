@@ -28,7 +28,9 @@ from feddst_flwr.codec import (
 )
 from feddst_flwr.masks import active, difference, hamming, layer_counts, maskable_names, units
 from feddst_flwr.models import DigitsCNN
-from feddst_flwr.strategy import FedDST, PruneFL, build_strategy
+from feddst_flwr.prunefl import PruneFL
+from feddst_flwr.registry import build_strategy
+from feddst_flwr.strategy import FedDST
 from feddst_flwr.validation import Instruction, ReplyGuard, check_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
