@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
+from fakes import MASKABLE, SHAPES, Federation, make_strategy, mask_flags, new_model
 from flwr.app import ArrayRecord, RecordDict
-from test_strategy import MASKABLE, SHAPES, Federation, make_strategy, mask_flags, new_model
 
 from feddst_flwr.checkpoint import Checkpoint, CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 

@@ -8,51 +8,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import erk_masks
+from fakes import FakeGrid, Server, new_model, round_config
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedProx
 
 from feddst_flwr import client as client_module
 from feddst_flwr import protocol as P
 from feddst_flwr.client import MissingMaskError, client_round, held_mask, injected_failure
-from feddst_flwr.codec import DENSE_STYPE, CodecError, HeldMask, carries_mask, decode, encode, is_sparse, payload_bytes
-from feddst_flwr.masks import apply_masks, hamming, maskable_names
-from feddst_flwr.models import DigitsCNN
+from feddst_flwr.codec import DENSE_STYPE, CodecError, carries_mask, is_sparse, payload_bytes
+from feddst_flwr.masks import hamming, maskable_names
 from feddst_flwr.training import LocalTraining
-
-WIDTH = 8  # a narrow DigitsCNN keeps local training fast
-
-
-def new_model() -> DigitsCNN:
-    torch.manual_seed(0)
-    return DigitsCNN(width=WIDTH)
-
-
-class Server:
-    """The server side of one exchange: a masked global model and its payloads."""
-
-    def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
-        self.masks, self.counts = erk_masks(model, 0.8, seed)
-        self.state = {name: t.clone() for name, t in model.state_dict().items()}
-        apply_masks(self.state, self.masks)
-        self.reference = {name: tuple(t.shape) for name, t in self.state.items()}
-        self.maskable = maskable_names(model)
-
-    def payload(self, send_mask: bool) -> ArrayRecord:
-        return encode(self.state, self.masks, send_mask)
-
-    def decode(self, reply: ArrayRecord, version: int = 0):
-        """Decode a reply as the server does: it holds its mask, of `version`."""
-        return decode(reply, self.reference, self.maskable, HeldMask(self.masks, version))
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: self.reference[name] for name in self.maskable}
-
-
-def round_config(server_round: int = 1, version: int = 0, alpha: float = 0.0, mu: float = 0.0) -> ConfigRecord:
-    return ConfigRecord(
-        {"server-round": server_round, "mask-version": version, "readjust-alpha": alpha, "proximal-mu": mu}
-    )
 
 
 @pytest.fixture
@@ -223,16 +188,6 @@ def test_dense_payload_gives_dense_reply(make_cfg, data):
     assert result.metrics["mask-entered"] == 0
 
 
-class FixedGrid:
-    """Just enough of a Grid for Flower's node sampling."""
-
-    def __init__(self, node_ids) -> None:
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_flower_fedprox_round_through_client_round(make_cfg, data, monkeypatch):
     seen = []
@@ -240,7 +195,7 @@ def test_flower_fedprox_round_through_client_round(make_cfg, data, monkeypatch):
     monkeypatch.setattr(client_module, "train", lambda *a, **kw: seen.append(kw["proximal_mu"]) or real_train(*a, **kw))
     strategy = FedProx(proximal_mu=0.5, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
     initial = ArrayRecord(new_model().state_dict())
-    messages = list(strategy.configure_train(1, initial, ConfigRecord(), FixedGrid([11, 12])))
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([11, 12])))
 
     replies = []
     for message in messages:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fakes import Server, new_model, round_config
 from flwr.app import RecordDict
-from test_client import Server, new_model, round_config
 
 from feddst_flwr.client import client_round
 from feddst_flwr.config import ConfigError

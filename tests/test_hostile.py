@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_data
+from fakes import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_strategy import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model
 
 from feddst_flwr.client import client_round
 from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUES_STYPE, HeldMask, decode, encode

@@ -10,24 +10,20 @@ import random
 
 import pytest
 import torch
-from conftest import random_data
+from fakes import MASKABLE, SHAPES, FakeGrid, Federation, make_strategy, mask_flags, new_model
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from feddst_flwr import protocol as P
 from feddst_flwr.aggregation import ClientUpdate
-from feddst_flwr.client import MissingMaskError, client_round
 from feddst_flwr.codec import (
     MASK_SUFFIX,
     CodecError,
     HeldMask,
-    carries_mask,
     decode,
     encode,
     payload_bytes,
 )
-from feddst_flwr.masks import active, difference, hamming, layer_counts, maskable_names, units
-from feddst_flwr.models import DigitsCNN
+from feddst_flwr.masks import active, difference, hamming, layer_counts, units
 from feddst_flwr.prunefl import PruneFL
 from feddst_flwr.registry import build_strategy
 from feddst_flwr.strategy import FedDST
@@ -35,80 +31,10 @@ from feddst_flwr.validation import Instruction, ReplyGuard, check_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-WIDTH = 8
-
-
-def new_model() -> DigitsCNN:
-    torch.manual_seed(0)
-    return DigitsCNN(width=WIDTH)
-
-
-MASKABLE = maskable_names(new_model())
-SHAPES = {name: tuple(t.shape) for name, t in new_model().state_dict().items()}
-
-
-class FakeGrid:
-    """get_node_ids for sampling; send_and_receive hands messages to a responder."""
-
-    def __init__(self, node_ids, responder=None) -> None:
-        self.node_ids = list(node_ids)
-        self.responder = responder
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [self.responder(message) for message in messages]
-
-
-def make_strategy(**overrides) -> FedDST:
-    options = {"sparsity": 0.8, "alpha": 0.2, "delta_r": 2, "r_end": 10, "clients_per_round": 3, "seed": 0}
-    return FedDST(MASKABLE, **{**options, **overrides})
-
-
-class Federation:
-    """A FedDST strategy plus in-process nodes that each keep a Context state."""
-
-    def __init__(self, cfg, strategy: FedDST | None = None, node_ids=(1, 2, 3), same_data: bool = True) -> None:
-        self.cfg = cfg
-        self.strategy = strategy or make_strategy(clients_per_round=len(node_ids))
-        self.grid = FakeGrid(node_ids, self.reply)
-        self.states = {node: RecordDict() for node in node_ids}
-        self.data = {node: random_data(16, seed=0 if same_data else node) for node in node_ids}
-        self.arrays = self.strategy.initialize(ArrayRecord(new_model().state_dict()))
-
-    def configure(self, server_round: int) -> list[Message]:
-        return list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
-
-    def reply(self, message: Message) -> Message:
-        node, content = message.metadata.dst_node_id, message.content
-        arrays, config = content["arrays"], content["config"]
-        try:
-            result = client_round(new_model(), self.data[node], arrays, config, self.cfg, self.states[node], node)
-        except MissingMaskError as err:
-            return Message(Error(code=P.MISSING_MASK_CODE, reason=str(err)), reply_to=message)
-        return Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=message)
-
-    def aggregate(self, server_round: int, replies: list[Message]):
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays is not None:
-            self.arrays = arrays
-        return arrays, metrics
-
-    def round(self, server_round: int) -> list[Message]:
-        """One full round; returns the messages the server sent."""
-        messages = self.configure(server_round)
-        self.aggregate(server_round, [self.reply(m) for m in messages])
-        return messages
-
 
 @pytest.fixture
 def federation(make_cfg) -> Federation:
     return Federation(make_cfg())
-
-
-def mask_flags(messages: list[Message]) -> dict[int, bool]:
-    return {m.metadata.dst_node_id: carries_mask(m.content["arrays"]) for m in messages}
 
 
 def bitmask_bytes() -> int:
