@@ -15,8 +15,8 @@ Results go to results/<experiment>/<NAME>-seed<k>/.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +32,6 @@ import tomllib
 from feddst_flwr import report
 
 ROOT = Path(__file__).resolve().parent
-ROUND_LINE = re.compile(r"\[round (\d+)/(\d+)\] (acc [^|]*?) ?\| up [^(]*\(cum ([\d.]+) MiB\)")
 
 
 @dataclass
@@ -133,23 +132,43 @@ def flwr_run(config: dict, num_supernodes: int, home: Path) -> None:
         str(config_file),
         "--stream",
     ]
-    started = time.time()
+    metrics = Path(config["results-dir"]) / config["run-name"] / "metrics.jsonl"
+    started, offset = time.time(), 0
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         tail = []
         for line in process.stdout:
             tail = (tail + [line])[-40:]
-            match = ROUND_LINE.search(line)
-            if match:
-                print(progress(match, time.time() - started), flush=True)
+            records, offset = new_records(metrics, offset)
+            for record in records:
+                print(progress(record, config["num-server-rounds"], time.time() - started), flush=True)
     if process.returncode:
         raise RuntimeError(f"flwr run failed ({process.returncode}):\n{''.join(tail)}")
 
 
-def progress(match: re.Match, elapsed: float) -> str:
-    """`  round r/R | acc ... | cum upload X MiB | ETA s` from a round log line."""
-    done, total = int(match[1]), int(match[2])
+def new_records(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The complete records of metrics.jsonl after byte `offset`, and the new offset (0 again
+    if the file was cut back, as a resumed run does)."""
+    if not path.exists():
+        return [], 0
+    with path.open("rb") as stream:
+        if stream.seek(0, os.SEEK_END) < offset:
+            offset = 0
+        stream.seek(offset)
+        text = stream.read()
+    complete = text[: text.rfind(b"\n") + 1]
+    return [json.loads(line) for line in complete.splitlines()], offset + len(complete)
+
+
+def progress(record: dict, total: int, elapsed: float) -> str:
+    """`  round r/R | acc ... | cum upload X MiB | ETA s` from a metrics.jsonl record."""
+    done = record["round"]
     eta = f"{elapsed / done * (total - done):.0f} s" if done else "-"
-    return f"  round {done}/{total} | {match[3]} | cum upload {match[4]} MiB | ETA {eta}"
+    accuracy = (
+        f"acc {record['test-accuracy']:.4f} (client mean {record['client-mean-accuracy']:.4f}) loss {record['test-loss']:.4f}"
+        if "test-accuracy" in record
+        else "acc -"
+    )
+    return f"  round {done}/{total} | {accuracy} | cum upload {record['cum-upload-bytes'] / 2**20:.2f} MiB | ETA {eta}"
 
 
 def stop_superlink(home: Path) -> None:

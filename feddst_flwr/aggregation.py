@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,21 @@ class Votes:
 
     clients: dict[str, torch.Tensor]
     weight: dict[str, torch.Tensor]
+
+
+@dataclass
+class RoundStats:
+    """What the last aggregation did to the global mask."""
+
+    mask_version: int = 0
+    readjust_alpha: float = 0.0
+    mask_entered: int = 0  # positions that entered the global mask (a swap counts once)
+    mask_entered_units: int = 0  # distinct output units (rows / output channels) they fall in
+    mask_drift: float = 0.0  # fraction of the initial mask's positions no longer in the mask
+    mask_votes: list[int] = field(default_factory=list)  # entering positions with 0, 1, 2, ... client votes
+    masks_sent: int = 0  # nodes that got the mask (in full or as a delta) in this round's download
+    failures: list[str] = field(default_factory=list)  # "node N: reason" per failed, refused or missing reply
+    skipped: bool = False  # too few valid replies: the global model and mask were kept
 
 
 def sparse_average(updates: list[ClientUpdate], min_votes: int = 1) -> tuple[dict[str, torch.Tensor], Votes]:

@@ -17,11 +17,11 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 from torch import nn
 
+from .aggregation import RoundStats
 from .config import ExperimentConfig
 from .data import TensorData, client_mean_accuracy
 from .grid import ServerGrid, Traffic
 from .masks import MASKABLE_MODULES, Masks, densities, total_density, weight_name
-from .strategy import RoundStats
 from .training import evaluate, resolve_device
 from .validation import Health
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -17,7 +16,7 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from . import protocol as P
-from .aggregation import ClientUpdate, ServerOptimizer, Votes, aggregate
+from .aggregation import ClientUpdate, RoundStats, ServerOptimizer, Votes, aggregate
 from .checkpoint import Checkpoint, CheckpointError
 from .codec import CodecError, HeldMask, decode, encode
 from .masks import (
@@ -34,21 +33,6 @@ from .masks import (
     units,
 )
 from .validation import ReplyGuard, outliers, update_norm
-
-
-@dataclass
-class RoundStats:
-    """What the last aggregation did to the global mask."""
-
-    mask_version: int = 0
-    readjust_alpha: float = 0.0
-    mask_entered: int = 0  # positions that entered the global mask (a swap counts once)
-    mask_entered_units: int = 0  # distinct output units (rows / output channels) they fall in
-    mask_drift: float = 0.0  # fraction of the initial mask's positions no longer in the mask
-    mask_votes: list[int] = field(default_factory=list)  # entering positions with 0, 1, 2, ... client votes
-    masks_sent: int = 0  # nodes that got the mask (in full or as a delta) in this round's download
-    failures: list[str] = field(default_factory=list)  # "node N: reason" per failed, refused or missing reply
-    skipped: bool = False  # too few valid replies: the global model and mask were kept
 
 
 class FedDST(ReplyGuard):

@@ -222,8 +222,16 @@ def test_a_run_that_ends_early_is_not_marked_done(tmp_path):
     assert (results / "feddst-seed0" / "done").exists() and not (results / "feddst-seed1" / "done").exists()
 
 
-def test_progress_line_from_a_round_log_line():
-    line = ("INFO :      [round 15/60] acc 0.7306 (client mean 0.7300) loss 0.8669 | up 1378.8 KiB "
-            "(cum 18.04 MiB) down 1268.1 KiB (cum 19.31 MiB) | density 0.200")  # fmt: skip
-    text = sim.progress(sim.ROUND_LINE.search(line), elapsed=30.0)
+def test_progress_lines_from_metrics_records(tmp_path):
+    """Only complete records are read, each once; a file cut back (resume) is read again."""
+    path = tmp_path / "metrics.jsonl"
+    evaluated = {"round": 15, "test-accuracy": 0.7306, "client-mean-accuracy": 0.73, "test-loss": 0.8669,
+                 "cum-upload-bytes": int(18.04 * 2**20)}  # fmt: skip
+    path.write_text(json.dumps(evaluated) + "\n" + '{"round": 16, "cum-up')  # the second is half written
+    records, offset = sim.new_records(path, 0)
+    assert records == [evaluated] and sim.new_records(path, offset) == ([], offset)
+    text = sim.progress(records[0], 60, elapsed=30.0)
     assert text == "  round 15/60 | acc 0.7306 (client mean 0.7300) loss 0.8669 | cum upload 18.04 MiB | ETA 90 s"
+    path.write_text(json.dumps({"round": 16, "cum-upload-bytes": 0}) + "\n")  # shorter: cut back
+    records, _ = sim.new_records(path, offset)
+    assert sim.progress(records[0], 60, elapsed=32.0) == "  round 16/60 | acc - | cum upload 0.00 MiB | ETA 88 s"
