@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from feddst_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from feddst_flwr.config import ConfigError, ExperimentConfig
 from feddst_flwr.data import PartitionScheme, RawDataset, client_test_weights, load_raw, partitions, to_tensors
-from feddst_flwr.grid import ServerGrid, partition_ids
+from feddst_flwr.grid import MeteredGrid, OrderedGrid, partition_ids
 from feddst_flwr.masks import maskable_names
 from feddst_flwr.metrics import RoundRecorder
 from feddst_flwr.models import build_model
@@ -30,15 +30,16 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(cfg.seed)  # Flower's baseline strategies sample with the global RNG
     model = build_model(cfg.model, cfg.num_classes, cfg.seed)
     raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
-    server_grid = ServerGrid(grid, partition_ids(grid))  # stable node order: reproducible sampling
+    metered = MeteredGrid(grid)  # payload bytes of every message and reply
+    ordered = OrderedGrid(metered, partition_ids(grid))  # stable node and reply order: reproducible runs
     scheme = cfg.partition_scheme(cfg.num_partitions or len(list(grid.get_node_ids())))
     client_weights = client_test_weights(raw, federation_partitions(raw, scheme, cfg), scheme, cfg.num_classes)
     strategy = build_strategy(cfg, maskable_names(model))
     mask_state = (lambda: (strategy.masks, strategy.stats)) if cfg.is_sparse else None
     test_data = to_tensors(cfg.dataset, raw.x_test, raw.y_test)
     initial_arrays = ArrayRecord(model.state_dict())  # on the CPU; the recorder moves the model to cfg.device
-    recorder = RoundRecorder(cfg, model, test_data, client_weights, server_grid, mask_state, lambda: strategy.health)
-    run = {"grid": server_grid, "initial_arrays": initial_arrays,
+    recorder = RoundRecorder(cfg, model, test_data, client_weights, metered, mask_state, lambda: strategy.health)
+    run = {"grid": ordered, "initial_arrays": initial_arrays,
            "num_rounds": cfg.num_server_rounds, "timeout": cfg.round_timeout}  # fmt: skip
     if not cfg.is_sparse:  # Flower's own loop; no checkpoints (see config)
         strategy.start(**run, evaluate_fn=recorder)

@@ -63,31 +63,31 @@ def store_masks(state: RecordDict, masks: Masks, version: int) -> None:
     state.config_records[VERSION_STATE_KEY] = ConfigRecord({"version": version})
 
 
-def check_config(config: ConfigRecord, sparse: bool) -> None:
+def check_config(round_config: ConfigRecord, sparse: bool) -> None:
     """Validate the server's round config; CodecError names the bad key."""
     required = {P.SERVER_ROUND: (int, 0, None)} | ({P.MASK_VERSION: (int, 0, None)} if sparse else {})
     optional = {P.READJUST_ALPHA: (float, 0.0, 1.0), P.PROXIMAL_MU: (float, 0.0, None), P.UPLOAD_GRADIENTS: (int, 0, 1)}
-    missing = sorted(set(required) - set(config))
+    missing = sorted(set(required) - set(round_config))
     if missing:
         raise CodecError(f"server config lacks '{missing[0]}'")
     for key, bounds in {**required, **optional}.items():
-        if key in config:
-            check_number("server config", key, config[key], *bounds)
+        if key in round_config:
+            check_number("server config", key, round_config[key], *bounds)
 
 
 def receive(
-    model: torch.nn.Module, arrays: ArrayRecord, config: ConfigRecord, node_state: RecordDict
+    model: torch.nn.Module, arrays: ArrayRecord, round_config: ConfigRecord, node_state: RecordDict
 ) -> tuple[dict[str, torch.Tensor], Masks | None]:
     """Decode the server's payload (dense for baselines); a sparse one is decoded with the
     mask it carries (in full, or as a delta from the mask the node holds), which the node
     then keeps, or with the mask the node holds."""
     initial = model.state_dict()
     reference = shapes_of(initial, list(initial))
-    check_config(config, is_sparse(arrays))
+    check_config(round_config, is_sparse(arrays))
     if not is_sparse(arrays):
         return decode(arrays, reference, [], None).state, None
     maskable = maskable_names(model)
-    version = int(config[P.MASK_VERSION])
+    version = int(round_config[P.MASK_VERSION])
     held = held_mask(node_state, shapes_of(initial, maskable))
     if not carries_mask(arrays) and (held is None or held.version != version):
         raise MissingMaskError(
@@ -105,12 +105,12 @@ def on(masks: Masks | None, device: torch.device) -> Masks | None:
     return None if masks is None else {name: mask.to(device) for name, mask in masks.items()}
 
 
-def injected_failure(cfg: ExperimentConfig, config: ConfigRecord, partition_id: int) -> bool:
+def injected_failure(cfg: ExperimentConfig, round_config: ConfigRecord, partition_id: int) -> bool:
     """Whether this node fails this round on purpose (client-failure-rate, for fault tests);
     drawn from (seed, round, partition-id), so a run's failures are reproducible."""
     if cfg.client_failure_rate == 0:
         return False
-    draw = random.Random(f"{cfg.seed}:{config.get(P.SERVER_ROUND, 0)}:{partition_id}").random()
+    draw = random.Random(f"{cfg.seed}:{round_config.get(P.SERVER_ROUND, 0)}:{partition_id}").random()
     return draw < cfg.client_failure_rate
 
 
@@ -118,20 +118,22 @@ def client_round(
     model: torch.nn.Module,
     data: TensorData,
     arrays: ArrayRecord,
-    config: ConfigRecord,
+    round_config: ConfigRecord,
     cfg: ExperimentConfig,
     node_state: RecordDict,
     partition_id: int,
 ) -> ClientResult:
-    """Run one training round on a node and build its reply. The node's data order and
-    tie-breaking draw from (seed, round, partition-id): clients of one round differ."""
-    state, masks = receive(model, arrays, config, node_state)
+    """Run one training round on a node and build its reply: `arrays` and `round_config`
+    are the server's message, `cfg` the run config, `node_state` the node's Context state
+    (it keeps the mask). The node's data order and tie-breaking draw from (seed, round,
+    partition-id): clients of one round differ."""
+    state, masks = receive(model, arrays, round_config, node_state)
     device = resolve_device(cfg.device)
     model.to(device).load_state_dict(state)
     data = data.to(device)
 
-    generator = seeded_generator(cfg.seed, int(config[P.SERVER_ROUND]), partition_id)
-    alpha_r = float(config.get(P.READJUST_ALPHA, 0.0))
+    generator = seeded_generator(cfg.seed, int(round_config[P.SERVER_ROUND]), partition_id)
+    alpha_r = float(round_config.get(P.READJUST_ALPHA, 0.0))
     readjust = (
         Readjustment(alpha_r, readjust_epoch(cfg.readjust_at, cfg.local_epochs), cfg.grow_batches)
         if masks is not None and alpha_r > 0
@@ -140,7 +142,7 @@ def client_round(
     local = train(
         model, data, on(masks, device),
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, proximal_mu=float(config.get(P.PROXIMAL_MU, 0.0)), generator=generator,
+        weight_decay=cfg.weight_decay, proximal_mu=float(round_config.get(P.PROXIMAL_MU, 0.0)), generator=generator,
         readjust=readjust,
     )  # fmt: skip
     local_masks = on(local.masks, torch.device("cpu"))
@@ -148,12 +150,12 @@ def client_round(
 
     weights = model.state_dict()
     weights = {name: tensor.cpu() for name, tensor in weights.items()}
-    sent = HeldMask(masks, int(config[P.MASK_VERSION])) if masks is not None else None  # the server holds it too
+    sent = HeldMask(masks, int(round_config[P.MASK_VERSION])) if masks is not None else None  # the server holds it too
     reply = (
         encode(weights, local_masks, entered > 0, cfg.value_dtype, sent) if sent is not None else ArrayRecord(weights)
     )
     gradients = None
-    if int(config.get(P.UPLOAD_GRADIENTS, 0)):  # PruneFL reconfiguration round
+    if int(round_config.get(P.UPLOAD_GRADIENTS, 0)):  # PruneFL reconfiguration round
         names = maskable_names(model)
         squared = dense_gradients(model, data, names, cfg.grow_batches, cfg.batch_size, generator, squared=True)
         gradients = ArrayRecord({name: tensor.cpu() for name, tensor in squared.items()})
@@ -164,7 +166,7 @@ def client_round(
             P.MASK_ENTERED: entered,
             P.UPLOAD_BYTES: payload_bytes(reply) + (payload_bytes(gradients) if gradients is not None else 0),
             P.DOWNLOAD_BYTES: payload_bytes(arrays),
-            **{key: config[key] for key in P.ECHOED if key in config},  # what this reply answers
+            **{key: round_config[key] for key in P.ECHOED if key in round_config},  # what this reply answers
         }
     )
     return ClientResult(reply, metrics, gradients)

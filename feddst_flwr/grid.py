@@ -66,15 +66,41 @@ def reported_bytes(metrics: MetricRecord, key: str) -> int:
     return value
 
 
-class ServerGrid(Grid):
-    """A Grid that counts the payload bytes of every message sent and every reply received
-    (identically in simulation and deployment; `take()` returns and resets the count), lists
-    nodes in a stable order (by partition-id, see `partition_ids`) and returns replies in the
-    order the messages were sent, so seeded sampling and aggregation are reproducible."""
+class GridWrapper(Grid):
+    """A Grid that hands every call to the Grid it wraps; subclasses change one job."""
 
-    def __init__(self, grid: Grid, node_order: dict[int, int] | None = None) -> None:
+    def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.node_order = node_order or {}
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def set_run(self, run_id):  # type: ignore[no-untyped-def]
+        return self.grid.set_run(run_id)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+
+class MeteredGrid(GridWrapper):
+    """Counts the payload bytes of every message sent and every reply received, identically
+    in simulation and deployment; `take()` returns and resets the count."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
         self.traffic = Traffic()
 
     def take(self) -> Traffic:
@@ -100,8 +126,7 @@ class ServerGrid(Grid):
         self._sent(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self._received(replies)
-        position = {m.metadata.dst_node_id: i for i, m in enumerate(messages)}
-        return sorted(replies, key=lambda r: position.get(r.metadata.src_node_id, len(position)))
+        return replies
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -113,15 +138,21 @@ class ServerGrid(Grid):
         self._received(replies)
         return replies
 
-    def set_run(self, run_id):  # type: ignore[no-untyped-def]
-        return self.grid.set_run(run_id)
 
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self.grid.run
+class OrderedGrid(GridWrapper):
+    """Lists nodes in a stable order (by partition-id, see `partition_ids`; node ids change
+    from run to run) and returns replies in the order the messages were sent, so seeded
+    sampling and aggregation are reproducible."""
 
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
-        return self.grid.create_message(*args, **kwargs)
+    def __init__(self, grid: Grid, node_order: dict[int, int] | None = None) -> None:
+        super().__init__(grid)
+        self.node_order = node_order or {}
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        position = {m.metadata.dst_node_id: i for i, m in enumerate(messages)}
+        return sorted(replies, key=lambda r: position.get(r.metadata.src_node_id, len(position)))
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected nodes by partition-id (unknown nodes last, by id)."""

@@ -20,7 +20,7 @@ from torch import nn
 from .aggregation import RoundStats
 from .config import ExperimentConfig
 from .data import TensorData, client_mean_accuracy
-from .grid import ServerGrid, Traffic
+from .grid import MeteredGrid, Traffic
 from .masks import MASKABLE_MODULES, Masks, densities, total_density, weight_name
 from .training import evaluate, resolve_device
 from .validation import Health
@@ -62,7 +62,7 @@ class RoundRecorder:
         model: nn.Module,
         test_data: TensorData,
         client_weights: np.ndarray,
-        grid: ServerGrid,
+        grid: MeteredGrid,
         mask_state: Callable[[], tuple[Masks, RoundStats]] | None,
         health: Callable[[], Health] = Health,
     ) -> None:

@@ -262,7 +262,7 @@ class FedDST(ReplyGuard):
         connected = len(list(grid.get_node_ids()))
         size = self.clients_per_round or max(int(connected * self.fraction_train), self.min_train_nodes)
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, size)  # waits for nodes
-        return self.rng.sample(all_nodes, size)  # in the grid's order (ServerGrid: by partition-id)
+        return self.rng.sample(all_nodes, size)  # in the grid's order (OrderedGrid: by partition-id)
 
     def _configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

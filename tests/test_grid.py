@@ -1,4 +1,4 @@
-"""ServerGrid: payload byte metering, stable node order and reply order; partition_ids."""
+"""MeteredGrid (payload bytes), OrderedGrid (stable node and reply order) and partition_ids."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 
 from feddst_flwr import protocol as P
 from feddst_flwr.codec import encode, payload_bytes
-from feddst_flwr.grid import ServerGrid, Traffic, partition_ids
+from feddst_flwr.grid import MeteredGrid, OrderedGrid, Traffic, partition_ids
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -67,7 +67,7 @@ def reply_for(message: Message) -> Message:
 
 
 def test_metered_grid_counts_payload_bytes_and_take_resets():
-    grid = ServerGrid(EchoGrid(reply_for))
+    grid = MeteredGrid(EchoGrid(reply_for))
     extra = ArrayRecord(tensors(1))  # a second ArrayRecord in one message counts too
     messages = [
         instruction(1, {"arrays": sparse_record(True), "config": ConfigRecord({"x": 1})}),
@@ -96,7 +96,7 @@ def test_metered_grid_counts_payload_bytes_and_take_resets():
 
 def test_metered_grid_counts_push_and_pull():
     inner = EchoGrid(reply_for)
-    grid = ServerGrid(inner)
+    grid = MeteredGrid(inner)
     messages = [instruction(1, {"arrays": sparse_record(True)}), instruction(2, {"arrays": sparse_record(True)})]
     ids = list(grid.push_messages(messages))
     assert grid.traffic.download == 2 * payload_bytes(sparse_record(True)) and grid.traffic.replies == 0
@@ -104,7 +104,6 @@ def test_metered_grid_counts_push_and_pull():
     traffic = grid.take()
     assert (traffic.messages, traffic.replies) == (2, 2)
     assert traffic.upload == payload_bytes(sparse_record(False)) + payload_bytes(sparse_record(True))
-    assert grid.get_node_ids() == [5, 6, 7]  # no partition ids known: by node id
 
 
 class ShuffledGrid(EchoGrid):
@@ -115,12 +114,13 @@ class ShuffledGrid(EchoGrid):
 
 
 def test_nodes_are_listed_by_partition_id_and_unknown_nodes_last():
-    grid = ServerGrid(EchoGrid(reply_for), node_order={7: 0, 6: 1})
+    grid = OrderedGrid(EchoGrid(reply_for), node_order={7: 0, 6: 1})
     assert grid.get_node_ids() == [7, 6, 5]
+    assert OrderedGrid(EchoGrid(reply_for)).get_node_ids() == [5, 6, 7]  # no partition ids known: by node id
 
 
 def test_replies_come_back_in_the_order_the_messages_were_sent():
-    grid = ServerGrid(ShuffledGrid(reply_for))
+    grid = OrderedGrid(MeteredGrid(ShuffledGrid(reply_for)))
     messages = [instruction(node, {"arrays": sparse_record(False)}) for node in (4, 1, 2)]
     replies = grid.send_and_receive(messages, timeout=5.0)
     assert [r.metadata.src_node_id for r in replies] == [4, 1, 2]
@@ -139,4 +139,4 @@ def test_partition_ids_asks_every_node_and_skips_failures():
     inner = EchoGrid(partition_reply)
     assert partition_ids(inner) == {7: 5, 5: 7}
     assert sorted(m.metadata.dst_node_id for m in inner.sent) == [5, 6, 7]
-    assert ServerGrid(inner, partition_ids(inner)).get_node_ids() == [7, 5, 6]
+    assert OrderedGrid(inner, partition_ids(inner)).get_node_ids() == [7, 5, 6]
