@@ -101,6 +101,7 @@ def refused_intruder(state: Path, ca: Path, timeout: float = 60) -> str:
     return (state / "logs" / f"supernode-{NODES}.log").read_text()
 
 
+@pytest.mark.slow
 def test_feddst_on_superlink_and_supernodes_with_tls(deployment, tmp_path):
     home = deployment["flwr_home"]
     assert "root-certificates" in Path(home, "config.toml").read_text()

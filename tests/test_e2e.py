@@ -28,6 +28,8 @@ NODES = 5
 PORT = "39191"  # away from a developer's own local SuperLink (39091)
 FEDDST = {"num-server-rounds": 5, "delta-r": 2, "r-end": 5, "alpha": 0.2}
 
+pytestmark = pytest.mark.slow  # every test here runs `flwr run` (a SuperLink and Ray)
+
 
 def flwr_run(home: Path, results: Path, run_name: str, overrides: dict, preset: str = "") -> list[dict]:
     """Run the app with `flwr run --stream` (on a preset's settings if given, as
