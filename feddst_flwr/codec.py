@@ -88,8 +88,7 @@ def encode(
         shape = tuple(tensor.shape)
         record[name] = Array(dtype=value_dtype, shape=shape, stype=VALUES_STYPE, data=values.tobytes())
         if send_mask:
-            held = base.masks[name].flatten().numpy() if base is not None else None
-            stype, data = encode_mask(flat_mask.numpy(), held, base.version if base is not None else 0)
+            stype, data = encode_mask(flat_mask.numpy(), *_held_layer(base, name))
             record[name + MASK_SUFFIX] = Array(dtype="bool", shape=shape, stype=stype, data=data)
     return record
 
@@ -181,12 +180,18 @@ def read_npy(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) ->
 def _decode_mask(name: str, array: Array, shape: tuple[int, ...], held: HeldMask | None) -> torch.Tensor:
     if tuple(array.shape) != shape:
         raise CodecError(f"layer '{name}': mask shape {tuple(array.shape)}, expected {shape}")
-    base = held.masks[name].flatten().numpy() if held is not None and name in held.masks else None
     try:
-        bits = decode_mask(array, math.prod(shape), base, held.version if held is not None else 0)
+        bits = decode_mask(array, math.prod(shape), *_held_layer(held, name))
     except MaskCodingError as err:
         raise CodecError(f"layer '{name}': {err}") from err
     return torch.from_numpy(bits).view(shape)
+
+
+def _held_layer(held: HeldMask | None, name: str) -> tuple[np.ndarray | None, int]:
+    """The flat mask of layer `name` the receiver holds (None: none held) and its version."""
+    if held is None or name not in held.masks:
+        return None, 0
+    return held.masks[name].flatten().numpy(), held.version
 
 
 def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.Tensor) -> torch.Tensor:

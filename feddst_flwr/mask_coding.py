@@ -13,8 +13,8 @@ smallest for this layer and this message, named by the Array's stype.
 
 Range coding is constriction's (`RangeEncoder`, 32-bit words, little-endian on the wire).
 Decoding checks every count against the layer's size, reads at most the plain bitmask's
-bytes plus 0.1 % and two words (the range coder's rounding and flush), checks that the decoded counts are the declared ones and that the code
-is consumed exactly.
+bytes plus 0.1 % and two words (the range coder's rounding and flush), checks that the
+decoded counts are the declared ones and that the code is consumed exactly.
 """
 
 from __future__ import annotations
