@@ -1,14 +1,17 @@
-"""One client round (Algorithm 1, steps 3-5): decode the download, masked local training,
-readjustment on readjust rounds, encode the upload. Dense payloads (baselines) take the
-same path without masks."""
+"""One client round (Algorithm 1, steps 3-5): decode the download, local training under
+the mask (readjusting it on readjust rounds), encode the upload. Dense payloads
+(baselines) take the same path without masks. `train_reply` is the public entry point
+for any ClientApp: its model, its TrainFn (`training.masked_sgd` or its own)."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from logging import ERROR
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common import log
 
 from . import protocol as P
 from .codec import (
@@ -22,10 +25,8 @@ from .codec import (
     masks_to_record,
     payload_bytes,
 )
-from .config import ExperimentConfig
-from .data import TensorData
-from .masks import Masks, active, difference, maskable_names, seeded_generator, shapes_of
-from .training import Readjustment, dense_gradients, readjust_epoch, resolve_device, train
+from .masks import Masks, active, difference, hamming, maskable_names, shapes_of
+from .training import LocalResult, LocalRound, TrainFn
 from .validation import check_number
 
 MASK_STATE_KEY = "feddst-mask"  # Context.state: the global mask this node holds
@@ -100,69 +101,45 @@ def receive(
     return decoded.state, decoded.masks
 
 
-def on(masks: Masks | None, device: torch.device) -> Masks | None:
-    """The masks on `device` (None stays None)."""
-    return None if masks is None else {name: mask.to(device) for name, mask in masks.items()}
-
-
-def injected_failure(cfg: ExperimentConfig, round_config: ConfigRecord, partition_id: int) -> bool:
+def injected_failure(rate: float, seed: int, round_config: ConfigRecord, partition_id: int) -> bool:
     """Whether this node fails this round on purpose (client-failure-rate, for fault tests);
     drawn from (seed, round, partition-id), so a run's failures are reproducible."""
-    if cfg.client_failure_rate == 0:
+    if rate == 0:
         return False
-    draw = random.Random(f"{cfg.seed}:{round_config.get(P.SERVER_ROUND, 0)}:{partition_id}").random()
-    return draw < cfg.client_failure_rate
+    return random.Random(f"{seed}:{round_config.get(P.SERVER_ROUND, 0)}:{partition_id}").random() < rate
 
 
 def client_round(
     model: torch.nn.Module,
-    data: TensorData,
     arrays: ArrayRecord,
     round_config: ConfigRecord,
-    cfg: ExperimentConfig,
     node_state: RecordDict,
-    partition_id: int,
+    train_fn: TrainFn,
+    value_dtype: str = "float32",
 ) -> ClientResult:
     """Run one training round on a node and build its reply: `arrays` and `round_config`
-    are the server's message, `cfg` the run config, `node_state` the node's Context state
-    (it keeps the mask). The node's data order and tie-breaking draw from (seed, round,
-    partition-id): clients of one round differ."""
+    are the server's message, `node_state` the node's Context state (it keeps the mask),
+    `train_fn` the local training (`training.masked_sgd`, or the user's own)."""
     state, masks = receive(model, arrays, round_config, node_state)
-    device = resolve_device(cfg.device)
-    model.to(device).load_state_dict(state)
-    data = data.to(device)
-
-    generator = seeded_generator(cfg.seed, int(round_config[P.SERVER_ROUND]), partition_id)
-    alpha_r = float(round_config.get(P.READJUST_ALPHA, 0.0))
-    readjust = (
-        Readjustment(alpha_r, readjust_epoch(cfg.readjust_at, cfg.local_epochs), cfg.grow_batches)
-        if masks is not None and alpha_r > 0
-        else None
+    model.load_state_dict(state)
+    local = LocalRound(
+        server_round=int(round_config[P.SERVER_ROUND]),
+        masks=masks,
+        alpha_r=float(round_config.get(P.READJUST_ALPHA, 0.0)) if masks is not None else 0.0,
+        proximal_mu=float(round_config.get(P.PROXIMAL_MU, 0.0)),
+        upload_gradients=bool(round_config.get(P.UPLOAD_GRADIENTS, 0)),
     )
-    local = train(
-        model, data, on(masks, device),
-        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, proximal_mu=float(round_config.get(P.PROXIMAL_MU, 0.0)), generator=generator,
-        readjust=readjust,
-    )  # fmt: skip
-    local_masks = on(local.masks, torch.device("cpu"))
+    result = train_fn(model, local)
+    weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    local_masks = checked_masks(result, local, weights)
+    gradients = checked_gradients(result, local, weights)
     entered = active(difference(local_masks, masks)) if masks is not None else 0
-
-    weights = model.state_dict()
-    weights = {name: tensor.cpu() for name, tensor in weights.items()}
     sent = HeldMask(masks, int(round_config[P.MASK_VERSION])) if masks is not None else None  # the server holds it too
-    reply = (
-        encode(weights, local_masks, entered > 0, cfg.value_dtype, sent) if sent is not None else ArrayRecord(weights)
-    )
-    gradients = None
-    if int(round_config.get(P.UPLOAD_GRADIENTS, 0)):  # PruneFL reconfiguration round
-        names = maskable_names(model)
-        squared = dense_gradients(model, data, names, cfg.grow_batches, cfg.batch_size, generator, squared=True)
-        gradients = ArrayRecord({name: tensor.cpu() for name, tensor in squared.items()})
+    reply = encode(weights, local_masks, entered > 0, value_dtype, sent) if sent is not None else ArrayRecord(weights)
     metrics = MetricRecord(
         {
-            P.NUM_EXAMPLES: len(data),
-            P.TRAIN_LOSS: local.loss,
+            P.NUM_EXAMPLES: result.num_examples,
+            P.TRAIN_LOSS: result.loss,
             P.MASK_ENTERED: entered,
             P.UPLOAD_BYTES: payload_bytes(reply) + (payload_bytes(gradients) if gradients is not None else 0),
             P.DOWNLOAD_BYTES: payload_bytes(arrays),
@@ -170,3 +147,75 @@ def client_round(
         }
     )
     return ClientResult(reply, metrics, gradients)
+
+
+def checked_masks(result: LocalResult, local: LocalRound, weights: dict[str, torch.Tensor]) -> Masks | None:
+    """The mask the node trained under (on the CPU), checked against the TrainFn contract:
+    the layers and per-layer counts of the mask sent, no weight left outside it."""
+    if local.masks is None:
+        return None
+    if result.masks is None or local.alpha_r == 0:
+        if result.masks is not None and hamming(on_cpu(result.masks), local.masks):
+            raise ValueError("train_fn moved the mask on a round without readjustment (alpha_r = 0)")
+        masks = local.masks
+    else:
+        masks = on_cpu(result.masks)
+    if set(masks) != set(local.masks):
+        raise ValueError(f"train_fn returned masks for {sorted(masks)}, the server's mask covers {sorted(local.masks)}")
+    for name, mask in masks.items():
+        sent = local.masks[name]
+        if mask.dtype != torch.bool or mask.shape != sent.shape or int(mask.sum()) != int(sent.sum()):
+            raise ValueError(
+                f"train_fn's mask of '{name}' must be bool of shape {tuple(sent.shape)} with {int(sent.sum())} "
+                "active weights, like the server's (readjustment regrows as many as it prunes)"
+            )
+        outside = int(torch.count_nonzero(weights[name][~mask]))
+        if outside:
+            raise ValueError(
+                f"train_fn left {outside} nonzero weights outside the mask in '{name}' "
+                "(multiply the gradients by the mask, or re-apply it after each step)"
+            )
+    return masks
+
+
+def checked_gradients(result: LocalResult, local: LocalRound, weights: dict[str, torch.Tensor]) -> ArrayRecord | None:
+    """PruneFL's squared gradients, when the server asked for them: one per masked layer."""
+    if not local.upload_gradients:
+        return None
+    expected = sorted(local.masks or {})
+    if result.gradients is None or sorted(result.gradients) != expected:
+        raise ValueError(f"the server asked for gradients of {expected} (PruneFL); train_fn returned none or others")
+    for name, gradient in result.gradients.items():
+        if gradient.shape != weights[name].shape:
+            raise ValueError(f"train_fn's gradient of '{name}' has shape {tuple(gradient.shape)}")
+    return ArrayRecord({name: result.gradients[name].detach().cpu() for name in local.masks})
+
+
+def on_cpu(masks: Masks) -> Masks:
+    """The masks on the CPU."""
+    return {name: mask.cpu() for name, mask in masks.items()}
+
+
+def train_reply(
+    msg: Message, node_state: RecordDict, model: torch.nn.Module, train_fn: TrainFn, *, value_dtype: str = "float32"
+) -> Message:
+    """A ClientApp's whole train handler: decode the server's message (FedDST's sparse
+    payload or a baseline's dense one) into `model`, run `train_fn`, and reply with the
+    encoded update and its metrics. A message that fails validation, or values for a mask
+    this node does not hold, gets an error reply that says why. `node_state` is the
+    node's `context.state`, where the mask is kept between rounds."""
+    if P.ARRAYS not in msg.content.array_records or P.CONFIG not in msg.content.config_records:
+        return bad_message(msg, "it lacks the 'arrays' or the 'config' record")
+    try:
+        result = client_round(model, msg.content[P.ARRAYS], msg.content[P.CONFIG], node_state, train_fn, value_dtype)
+    except MissingMaskError as err:
+        return Message(Error(code=P.MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
+    except CodecError as err:
+        return bad_message(msg, str(err))
+    return Message(result.content(), reply_to=msg)
+
+
+def bad_message(msg: Message, problem: str) -> Message:
+    """Log and answer a server message that failed validation."""
+    log(ERROR, "rejected the server's message: %s", problem)
+    return Message(Error(code=P.BAD_MESSAGE_CODE, reason=f"rejected the server's message: {problem}"), reply_to=msg)

@@ -7,14 +7,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .aggregation import SERVER_OPTIMIZERS
-from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme
+from .codec import VALUE_DTYPES
+from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme, TensorData
+from .masks import DISTRIBUTIONS
 from .models import MODELS
 from .registry import STRATEGIES
-from .training import DEVICES, READJUST_AT
+from .training import DEVICES, READJUST_AT, TrainFn, masked_sgd
 
 SPARSE_STRATEGIES = tuple(name for name, spec in STRATEGIES.items() if spec.sparse)
-DISTRIBUTIONS = ("erk", "er", "uniform")
-VALUE_DTYPES = ("float32", "float16")
 
 
 class ConfigError(ValueError):
@@ -125,6 +125,14 @@ class ExperimentConfig:
             self.partition, num_partitions, self.shard_size, self.classes_per_client, self.dirichlet_beta, self.seed
         )
 
+    def trainer(self, data: TensorData, partition_id: int) -> TrainFn:
+        """Local training of the node holding partition `partition_id`: our masked SGD."""
+        return masked_sgd(
+            data, epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, readjust_at=self.readjust_at, grow_batches=self.grow_batches,
+            seed=self.seed, partition_id=partition_id, device=self.device,
+        )  # fmt: skip
+
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
         checks = [
@@ -171,7 +179,7 @@ class ExperimentConfig:
                 "resume",
                 f"false for Flower's baseline strategies (resume: {SPARSE_STRATEGIES})",
             ),
-            (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {VALUE_DTYPES}"),
+            (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {tuple(VALUE_DTYPES)}"),
             (self.device in DEVICES, "device", f"one of {DEVICES} (auto: CUDA when available)"),
             (self.dataset in DATASETS, "dataset", f"one of {DATASETS}"),
             (self.partition in PARTITIONS, "partition", f"one of {PARTITIONS}"),

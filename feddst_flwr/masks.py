@@ -26,6 +26,9 @@ def maskable_names(model: nn.Module) -> list[str]:
     return [weight_name(name) for name, module in model.named_modules() if isinstance(module, MASKABLE_MODULES)]
 
 
+DISTRIBUTIONS = ("erk", "er", "uniform")
+
+
 def _raw_density(shape: tuple[int, ...], distribution: str) -> float:
     """Unnormalised density of one layer: ERK counts kernel dims, ER only fan-in/out."""
     if distribution == "erk":
@@ -35,7 +38,7 @@ def _raw_density(shape: tuple[int, ...], distribution: str) -> float:
         return (fan_in + fan_out) / (fan_in * fan_out)
     if distribution == "uniform":
         return 1.0
-    raise ValueError(f"unknown sparsity distribution '{distribution}' (erk, er, uniform)")
+    raise ValueError(f"unknown sparsity distribution '{distribution}' (one of {DISTRIBUTIONS})")
 
 
 def layer_densities(shapes: Shapes, sparsity: float, distribution: str = "erk") -> dict[str, float]:

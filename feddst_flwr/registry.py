@@ -57,7 +57,7 @@ def sparse(cls: type[FedDST]) -> Callable:
 
     def build(cfg: ExperimentConfig, maskable: list[str]) -> FedDST:
         return cls(
-            maskable,
+            maskable=maskable,
             sparsity=cfg.sparsity,
             distribution=cfg.sparsity_distribution,
             alpha=cfg.effective_alpha,

@@ -18,8 +18,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, samp
 from . import protocol as P
 from .aggregation import ClientUpdate, RoundStats, ServerOptimizer, Votes, aggregate
 from .checkpoint import Checkpoint, CheckpointError
-from .codec import CodecError, HeldMask, decode, encode
+from .codec import VALUE_DTYPES, CodecError, HeldMask, decode, encode
 from .masks import (
+    DISTRIBUTIONS,
     Masks,
     active,
     apply_masks,
@@ -33,6 +34,16 @@ from .masks import (
     units,
 )
 from .validation import ReplyGuard, outliers, update_norm
+
+
+def whole(value: Any) -> bool:
+    """An int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def real(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class FedDST(ReplyGuard):
@@ -83,6 +94,7 @@ class FedDST(ReplyGuard):
     # pylint: disable=too-many-arguments,too-many-instance-attributes
     def __init__(
         self,
+        *,
         maskable: list[str],
         sparsity: float = 0.8,
         distribution: str = "erk",
@@ -126,6 +138,7 @@ class FedDST(ReplyGuard):
         self.weighted_by_key = weighted_by_key
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
+        self.check_arguments()
         self.rng = random.Random(seed)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.counts: dict[str, int] = {}
@@ -137,6 +150,33 @@ class FedDST(ReplyGuard):
         self.sampled: list[int] = []  # this round's nodes
         self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
         self.stats = RoundStats()
+
+    def check_arguments(self) -> None:
+        """Raise ValueError naming the first constructor argument out of its range."""
+        checks = [
+            (bool(self.maskable) and all(isinstance(n, str) for n in self.maskable), "maskable",
+             "a non-empty list of state-dict names"),
+            (real(self.sparsity) and 0.0 <= self.sparsity < 1.0, "sparsity", "in [0, 1)"),
+            (self.distribution in DISTRIBUTIONS, "distribution", f"one of {DISTRIBUTIONS}"),
+            (real(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]"),
+            (whole(self.delta_r) and self.delta_r >= 1, "delta_r", "an int >= 1"),
+            (whole(self.r_end) and self.r_end >= 0, "r_end", "an int >= 0"),
+            (real(self.fraction_train) and 0.0 < self.fraction_train <= 1.0, "fraction_train", "in (0, 1]"),
+            (whole(self.clients_per_round) and self.clients_per_round >= 0, "clients_per_round", "an int >= 0"),
+            (whole(self.min_train_nodes) and self.min_train_nodes >= 1, "min_train_nodes", "an int >= 1"),
+            (whole(self.min_available_nodes) and self.min_available_nodes >= 1, "min_available_nodes", "an int >= 1"),
+            (real(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", ">= 0"),
+            (whole(self.min_votes) and self.min_votes >= 1, "min_votes", "an int >= 1"),
+            (real(self.min_fit_fraction) and 0.0 <= self.min_fit_fraction <= 1.0, "min_fit_fraction", "in [0, 1]"),
+            (whole(self.max_num_examples) and self.max_num_examples >= 1, "max_num_examples", "an int >= 1"),
+            (real(self.max_update_norm) and self.max_update_norm >= 0, "max_update_norm", ">= 0 (0: no bound)"),
+            (self.value_dtype in VALUE_DTYPES, "value_dtype", f"one of {tuple(VALUE_DTYPES)}"),
+            (whole(self.seed), "seed", "an int"),
+            (isinstance(self.server_optimizer, ServerOptimizer), "server_optimizer", "a ServerOptimizer or None"),
+        ]  # fmt: skip
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}({name}={getattr(self, name)!r}): expected {expected}")
 
     def summary(self) -> None:
         """Log the strategy's configuration."""

@@ -3,6 +3,7 @@ task-loss gradient used for regrowth (step 4), and evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TensorData
-from .masks import Masks, apply_masks, prune_and_regrow
+from .masks import Masks, apply_masks, prune_and_regrow, seeded_generator
 
 
 def batches(data: TensorData, batch_size: int, generator: torch.Generator | None):
@@ -61,6 +62,74 @@ class LocalTraining:
 
     loss: float
     masks: Masks | None
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """What the server asks of one round of local training (a TrainFn's second argument)."""
+
+    server_round: int
+    masks: Masks | None  # the mask to train under (None: a dense baseline round)
+    alpha_r: float = 0.0  # readjustment ratio of this round; 0: keep the mask
+    proximal_mu: float = 0.0  # FedProx coefficient; 0: no proximal term
+    upload_gradients: bool = False  # PruneFL asks for the summed squared dense gradients
+
+
+@dataclass
+class LocalResult:
+    """What a TrainFn returns: its training examples (the aggregation weight), mean loss,
+    the readjusted mask (None: the mask it was given) and, when asked, the gradients."""
+
+    num_examples: int
+    loss: float
+    masks: Masks | None = None
+    gradients: dict[str, torch.Tensor] | None = None
+
+
+TrainFn = Callable[[nn.Module, LocalRound], LocalResult]
+"""Trains the model in place. Weights outside the mask start at zero and must end at zero
+(multiply the gradients by the mask, as `train` does); on readjust rounds (alpha_r > 0) a
+TrainFn may move the mask (`masks.prune_and_regrow`), keeping each layer's count."""
+
+
+def masked_sgd(
+    data: TensorData,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    readjust_at: str = "mid",
+    grow_batches: int = 1,
+    seed: int = 0,
+    partition_id: int = 0,
+    device: str = "auto",
+) -> TrainFn:
+    """Our TrainFn: `train` on `data` with the round's options, FedDST's readjustment after
+    readjust-at, PruneFL's gradients when asked. Data order and tie-breaking draw from
+    (seed, round, partition_id), so the clients of one round differ."""
+    readjust_after = readjust_epoch(readjust_at, epochs)
+
+    def train_fn(model: nn.Module, local: LocalRound) -> LocalResult:
+        on = resolve_device(device)
+        model.to(on)
+        local_data = data.to(on)
+        generator = seeded_generator(seed, local.server_round, partition_id)
+        masks = None if local.masks is None else {name: mask.to(on) for name, mask in local.masks.items()}
+        readjust = Readjustment(local.alpha_r, readjust_after, grow_batches) if masks and local.alpha_r > 0 else None
+        trained = train(
+            model, local_data, masks,
+            epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            proximal_mu=local.proximal_mu, generator=generator, readjust=readjust,
+        )  # fmt: skip
+        gradients = None
+        if local.upload_gradients:
+            names = list(local.masks or {})
+            gradients = dense_gradients(model, local_data, names, grow_batches, batch_size, generator, squared=True)
+        return LocalResult(len(data), trained.loss, trained.masks, gradients)
+
+    return train_fn
 
 
 def train(

@@ -40,9 +40,14 @@ class FakeGrid:
         return [self.responder(message) for message in messages]
 
 
+def run_client(model, data, arrays, config, cfg, node_state, partition_id: int):
+    """client_round with the run config's masked SGD on `data`."""
+    return client_round(model, arrays, config, node_state, cfg.trainer(data, partition_id), cfg.value_dtype)
+
+
 def make_strategy(**overrides) -> FedDST:
     options = {"sparsity": 0.8, "alpha": 0.2, "delta_r": 2, "r_end": 10, "clients_per_round": 3, "seed": 0}
-    return FedDST(MASKABLE, **{**options, **overrides})
+    return FedDST(maskable=MASKABLE, **{**options, **overrides})
 
 
 class Federation:
@@ -63,7 +68,7 @@ class Federation:
         node, content = message.metadata.dst_node_id, message.content
         arrays, config = content["arrays"], content["config"]
         try:
-            result = client_round(new_model(), self.data[node], arrays, config, self.cfg, self.states[node], node)
+            result = run_client(new_model(), self.data[node], arrays, config, self.cfg, self.states[node], node)
         except MissingMaskError as err:
             return Message(Error(code=P.MISSING_MASK_CODE, reason=str(err)), reply_to=message)
         return Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=message)

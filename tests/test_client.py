@@ -8,13 +8,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from fakes import FakeGrid, Server, new_model, round_config
+from fakes import FakeGrid, Server, new_model, round_config, run_client
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedProx
 
-from feddst_flwr import client as client_module
 from feddst_flwr import protocol as P
-from feddst_flwr.client import MissingMaskError, client_round, held_mask, injected_failure
+from feddst_flwr import training as training_module
+from feddst_flwr.client import MissingMaskError, held_mask, injected_failure
 from feddst_flwr.codec import DENSE_STYPE, CodecError, carries_mask, is_sparse, payload_bytes
 from feddst_flwr.masks import hamming, maskable_names
 from feddst_flwr.training import LocalTraining
@@ -34,7 +34,7 @@ def spy(monkeypatch):
         calls.append({"state": copy.deepcopy(model.state_dict()), "masks": masks, **options})
         return LocalTraining(0.0, masks)
 
-    monkeypatch.setattr(client_module, "train", fake_train)
+    monkeypatch.setattr(training_module, "train", fake_train)
     return calls
 
 
@@ -43,7 +43,7 @@ def spy(monkeypatch):
 
 def test_sparse_round_without_readjust_replies_values_only(server, make_cfg, data):
     request = server.payload(send_mask=True)
-    result = client_round(new_model(), data, request, round_config(), make_cfg(), RecordDict(), 0)
+    result = run_client(new_model(), data, request, round_config(), make_cfg(), RecordDict(), 0)
 
     assert is_sparse(result.arrays) and not carries_mask(result.arrays)
     decoded = server.decode(result.arrays)
@@ -67,7 +67,7 @@ def test_readjust_round_returns_new_mask_with_erk_counts(server, make_cfg, data,
     node_state = RecordDict()
     config = round_config(server_round=5, version=0, alpha=0.2)
     cfg = make_cfg(readjust_at=readjust_at, local_epochs=2)
-    result = client_round(new_model(), data, server.payload(True), config, cfg, node_state, 0)
+    result = run_client(new_model(), data, server.payload(True), config, cfg, node_state, 0)
 
     assert carries_mask(result.arrays)
     decoded = server.decode(result.arrays)
@@ -98,11 +98,11 @@ def test_clients_of_one_round_shuffle_differently(server, make_cfg, data, spy):
     """Same round, same partition size: the data order depends on the partition id."""
     orders = {}
     for partition_id in (0, 1, 0):
-        client_round(new_model(), data, server.payload(True), round_config(3), make_cfg(), RecordDict(), partition_id)
+        run_client(new_model(), data, server.payload(True), round_config(3), make_cfg(), RecordDict(), partition_id)
         order = torch.randperm(len(data), generator=spy[-1]["generator"]).tolist()
         assert orders.setdefault(partition_id, order) == order  # reproducible
     assert orders[0] != orders[1]
-    client_round(new_model(), data, server.payload(True), round_config(4), make_cfg(), RecordDict(), 0)
+    run_client(new_model(), data, server.payload(True), round_config(4), make_cfg(), RecordDict(), 0)
     assert torch.randperm(len(data), generator=spy[-1]["generator"]).tolist() != orders[0]  # and on the round
 
 
@@ -113,7 +113,7 @@ def test_first_bitmask_is_stored_with_its_version(server, make_cfg, data, spy):
     node_state = RecordDict()
     assert held_mask(node_state, server.shapes()) is None
 
-    client_round(new_model(), data, server.payload(True), round_config(version=3), make_cfg(), node_state, 0)
+    run_client(new_model(), data, server.payload(True), round_config(version=3), make_cfg(), node_state, 0)
 
     held = held_mask(node_state, server.shapes())
     assert held is not None and held.version == 3 and set(held.masks) == set(server.masks)
@@ -123,9 +123,9 @@ def test_first_bitmask_is_stored_with_its_version(server, make_cfg, data, spy):
 def test_same_version_without_bitmask_decodes_with_held_mask(server, make_cfg, data, spy):
     node_state = RecordDict()
     cfg = make_cfg()
-    client_round(new_model(), data, server.payload(True), round_config(1, version=3), cfg, node_state, 0)
+    run_client(new_model(), data, server.payload(True), round_config(1, version=3), cfg, node_state, 0)
     request = server.payload(False)
-    result = client_round(new_model(), data, request, round_config(2, version=3), cfg, node_state, 0)
+    result = run_client(new_model(), data, request, round_config(2, version=3), cfg, node_state, 0)
 
     received = spy[-1]
     assert all(torch.equal(received["state"][n], server.state[n]) for n in server.state)
@@ -139,11 +139,11 @@ def test_unknown_version_without_bitmask_raises_missing_mask(server, make_cfg, d
     node_state = RecordDict()
     if held_version is not None:
         config = round_config(version=held_version)
-        client_round(new_model(), data, server.payload(True), config, make_cfg(), node_state, 0)
+        run_client(new_model(), data, server.payload(True), config, make_cfg(), node_state, 0)
     calls = len(spy)
 
     with pytest.raises(MissingMaskError, match=r"version 4\b") as error:
-        client_round(new_model(), data, server.payload(False), round_config(2, version=4), make_cfg(), node_state, 0)
+        run_client(new_model(), data, server.payload(False), round_config(2, version=4), make_cfg(), node_state, 0)
 
     assert str(error.value).startswith(P.MISSING_MASK)
     assert len(spy) == calls  # no training happened
@@ -155,8 +155,8 @@ def test_new_version_with_bitmask_replaces_the_held_mask(make_cfg, data, spy):
     model = new_model()
     old, new = Server(model, seed=0), Server(model, seed=1)
     node_state = RecordDict()
-    client_round(new_model(), data, old.payload(True), round_config(1, version=0), make_cfg(), node_state, 0)
-    client_round(new_model(), data, new.payload(True), round_config(2, version=1), make_cfg(), node_state, 0)
+    run_client(new_model(), data, old.payload(True), round_config(1, version=0), make_cfg(), node_state, 0)
+    run_client(new_model(), data, new.payload(True), round_config(2, version=1), make_cfg(), node_state, 0)
 
     held = held_mask(node_state, new.shapes())
     assert held.version == 1 and all(torch.equal(held.masks[name], new.masks[name]) for name in new.masks)
@@ -165,7 +165,7 @@ def test_new_version_with_bitmask_replaces_the_held_mask(make_cfg, data, spy):
 
 def test_round_options_reach_local_training(server, make_cfg, data, spy):
     cfg = make_cfg(lr=0.03, momentum=0.5, weight_decay=0.002, batch_size=4, local_epochs=2)
-    client_round(new_model(), data, server.payload(True), round_config(mu=0.25), cfg, RecordDict(), 0)
+    run_client(new_model(), data, server.payload(True), round_config(mu=0.25), cfg, RecordDict(), 0)
     options = spy[-1]
     assert (options["epochs"], options["batch_size"], options["lr"]) == (2, 4, 0.03)
     assert (options["momentum"], options["weight_decay"], options["proximal_mu"]) == (0.5, 0.002, 0.25)
@@ -177,7 +177,7 @@ def test_round_options_reach_local_training(server, make_cfg, data, spy):
 def test_dense_payload_gives_dense_reply(make_cfg, data):
     request = ArrayRecord(new_model().state_dict())
     config = ConfigRecord({"server-round": 1})  # what Flower's FedAvg sends
-    result = client_round(new_model(), data, request, config, make_cfg(), RecordDict(), 0)
+    result = run_client(new_model(), data, request, config, make_cfg(), RecordDict(), 0)
 
     assert not is_sparse(result.arrays) and not carries_mask(result.arrays)
     assert {array.stype for array in result.arrays.values()} == {DENSE_STYPE}
@@ -191,8 +191,10 @@ def test_dense_payload_gives_dense_reply(make_cfg, data):
 @pytest.mark.usefixtures("task_identity")
 def test_flower_fedprox_round_through_client_round(make_cfg, data, monkeypatch):
     seen = []
-    real_train = client_module.train
-    monkeypatch.setattr(client_module, "train", lambda *a, **kw: seen.append(kw["proximal_mu"]) or real_train(*a, **kw))
+    real_train = training_module.train
+    monkeypatch.setattr(
+        training_module, "train", lambda *a, **kw: seen.append(kw["proximal_mu"]) or real_train(*a, **kw)
+    )
     strategy = FedProx(proximal_mu=0.5, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
     initial = ArrayRecord(new_model().state_dict())
     messages = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([11, 12])))
@@ -200,7 +202,7 @@ def test_flower_fedprox_round_through_client_round(make_cfg, data, monkeypatch):
     replies = []
     for message in messages:
         arrays, config = message.content["arrays"], message.content["config"]
-        result = client_round(new_model(), data, arrays, config, make_cfg(), RecordDict(), 0)
+        result = run_client(new_model(), data, arrays, config, make_cfg(), RecordDict(), 0)
         assert not is_sparse(result.arrays)
         replies.append(Message(RecordDict({"arrays": result.arrays, "metrics": result.metrics}), reply_to=message))
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -278,7 +280,7 @@ def test_client_app_trains_and_keeps_the_mask_in_context_state(client_app, conte
 
 def test_prunefl_reconfiguration_round_uploads_dense_squared_gradients(server, make_cfg, data):
     config = ConfigRecord({**round_config(), "upload-gradients": 1})
-    result = client_round(new_model(), data, server.payload(True), config, make_cfg(), RecordDict(), 0)
+    result = run_client(new_model(), data, server.payload(True), config, make_cfg(), RecordDict(), 0)
     assert result.gradients is not None and set(result.gradients) == set(server.masks)
     for name, array in result.gradients.items():
         squared = array.numpy()
@@ -287,7 +289,7 @@ def test_prunefl_reconfiguration_round_uploads_dense_squared_gradients(server, m
     assert pruned and all((result.gradients[n].numpy()[~server.masks[n].numpy()] > 0).any() for n in pruned)
     assert result.metrics["upload-bytes"] == payload_bytes(result.arrays) + payload_bytes(result.gradients)
     assert set(result.content().array_records) == {"arrays", "gradients"}
-    plain = client_round(new_model(), data, server.payload(True), round_config(), make_cfg(), RecordDict(), 0)
+    plain = run_client(new_model(), data, server.payload(True), round_config(), make_cfg(), RecordDict(), 0)
     assert plain.gradients is None and set(plain.content().array_records) == {"arrays"}
 
 
@@ -323,10 +325,10 @@ BAD_MESSAGES = {
 def test_client_rejects_a_bad_server_message_and_keeps_its_mask(server, make_cfg, data, bad):
     make_payload, config, error = BAD_MESSAGES[bad]
     state = RecordDict()
-    client_round(new_model(), data, server.payload(True), round_config(1), make_cfg(), state, 0)
+    run_client(new_model(), data, server.payload(True), round_config(1), make_cfg(), state, 0)
     held = held_mask(state, server.shapes())
     with pytest.raises(CodecError, match=error):
-        client_round(new_model(), data, make_payload(server), config, make_cfg(), state, 0)
+        run_client(new_model(), data, make_payload(server), config, make_cfg(), state, 0)
     after = held_mask(state, server.shapes())
     assert after.version == held.version and all(torch.equal(held.masks[n], after.masks[n]) for n in held.masks)
 
@@ -342,10 +344,14 @@ def test_client_app_replies_with_an_error_to_a_bad_message(client_app, context):
 
 def test_injected_failures_are_reproducible_and_at_the_configured_rate(make_cfg):
     cfg = make_cfg(client_failure_rate=0.3)
-    draws = [injected_failure(cfg, round_config(r), p) for r in range(1, 41) for p in range(50)]
-    assert draws == [injected_failure(cfg, round_config(r), p) for r in range(1, 41) for p in range(50)]
+    draws = [
+        injected_failure(cfg.client_failure_rate, cfg.seed, round_config(r), p) for r in range(1, 41) for p in range(50)
+    ]
+    assert draws == [
+        injected_failure(cfg.client_failure_rate, cfg.seed, round_config(r), p) for r in range(1, 41) for p in range(50)
+    ]
     assert 0.27 < sum(draws) / len(draws) < 0.33
-    assert not any(injected_failure(make_cfg(), round_config(r), p) for r in range(1, 11) for p in range(50))
+    assert not any(injected_failure(0.0, 0, round_config(r), p) for r in range(1, 11) for p in range(50))
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fakes import Server, new_model, round_config
+from fakes import Server, new_model, round_config, run_client
 from flwr.app import RecordDict
 
-from feddst_flwr.client import client_round
 from feddst_flwr.config import ConfigError
 from feddst_flwr.training import evaluate, resolve_device
 
@@ -38,7 +37,7 @@ def test_cpu_and_auto_give_the_same_round_on_a_cpu_machine(make_cfg, data):
         pytest.skip("auto is CUDA here; see the CUDA test")
     server = Server(new_model())
     replies = [
-        client_round(new_model(), data, server.payload(True), round_config(5, 0, 0.2), make_cfg(device=device), RecordDict(), 0)
+        run_client(new_model(), data, server.payload(True), round_config(5, 0, 0.2), make_cfg(device=device), RecordDict(), 0)
         for device in ("cpu", "auto")
     ]  # fmt: skip
     assert all(replies[0].arrays[name].data == replies[1].arrays[name].data for name in replies[0].arrays)
@@ -50,7 +49,7 @@ def test_a_cuda_round_matches_the_cpu_round(make_cfg, data):
     near-ties may fall the other way), values close where the masks agree."""
     server = Server(new_model())
     decoded = [
-        server.decode(client_round(new_model(), data, server.payload(True), round_config(5, 0, 0.2),
+        server.decode(run_client(new_model(), data, server.payload(True), round_config(5, 0, 0.2),
                                    make_cfg(device=device), RecordDict(), 0).arrays)
         for device in ("cpu", "cuda")
     ]  # fmt: skip

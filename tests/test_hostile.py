@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_data
-from fakes import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model
+from fakes import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model, run_client
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feddst_flwr.client import client_round
 from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUES_STYPE, HeldMask, decode, encode
 from feddst_flwr.mask_coding import CODED_HEADER, CODED_STYPE
 from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded
@@ -56,7 +55,7 @@ class Federation:
 
     def reply(self, message: Message) -> Message:
         node, content = message.metadata.dst_node_id, message.content
-        result = client_round(
+        result = run_client(
             new_model(), self.data[node], content["arrays"], content["config"], self.cfg, self.states[node], node
         )
         return Message(result.content(), reply_to=message)

@@ -70,7 +70,7 @@ def test_initialize_prunes_to_erk_counts_and_sparsity():
 
 
 def test_initialize_rejects_unknown_maskable_name():
-    strategy = FedDST([*MASKABLE, "conv9.weight"])
+    strategy = FedDST(maskable=[*MASKABLE, "conv9.weight"])
     with pytest.raises(ValueError, match="conv9.weight"):
         strategy.initialize(ArrayRecord(new_model().state_dict()))
 
@@ -403,7 +403,7 @@ def test_build_strategy_prunefl(make_cfg):
 
 
 def prunefl() -> PruneFL:
-    strategy = PruneFL(MASKABLE, sparsity=0.8, delta_r=2, r_end=4, seed=0)
+    strategy = PruneFL(maskable=MASKABLE, sparsity=0.8, delta_r=2, r_end=4, seed=0)
     strategy.initialize(ArrayRecord(new_model().state_dict()))
     return strategy
 

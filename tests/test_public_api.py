@@ -1,0 +1,214 @@
+"""The public API for a user's own Flower app: FedDST's validated keyword-only constructor,
+and `train_reply` with the user's own model and train function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_data
+from fakes import MASKABLE, Server, new_model, round_config
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from torch.nn import functional as F
+
+import feddst_flwr
+from feddst_flwr import protocol as P
+from feddst_flwr.codec import carries_mask, is_sparse, payload_bytes
+from feddst_flwr.masks import prune_and_regrow, seeded_generator
+from feddst_flwr.training import LocalResult, LocalRound
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def own_train(data, *, leak: bool = False, readjust: bool = False, steps: int = 2):
+    """A user's train function: full-batch SGD with weight decay, gradients masked (unless
+    `leak`), and on readjust rounds FedDST's prune-and-regrow from the library."""
+
+    def train_fn(model: torch.nn.Module, local: LocalRound) -> LocalResult:
+        params = dict(model.named_parameters())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
+        masks = local.masks
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(data.x), data.y)
+            loss.backward()
+            for name, mask in (masks or {}).items():
+                if not leak:
+                    params[name].grad.mul_(mask)
+            optimizer.step()
+        if readjust and masks and local.alpha_r > 0:  # regrow by the dense gradient
+            optimizer.zero_grad()
+            F.cross_entropy(model(data.x), data.y).backward()
+            grads = {name: params[name].grad for name in masks}
+            weights = {name: params[name].data for name in masks}
+            masks = prune_and_regrow(weights, grads, masks, local.alpha_r, seeded_generator(0, local.server_round))
+        return LocalResult(len(data), loss.item(), masks if readjust else None)
+
+    return train_fn
+
+
+def message(arrays: ArrayRecord, config: ConfigRecord) -> Message:
+    return Message(RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.TRAIN, dst_node_id=3)
+
+
+# --------------------------------------------------------------------------- train_reply
+
+
+def test_own_train_fn_sparse_round_replies_values_under_the_mask():
+    server, data, state = Server(new_model()), random_data(), RecordDict()
+    request = server.payload(send_mask=True)
+    reply = feddst_flwr.train_reply(message(request, round_config(1)), state, new_model(), own_train(data))
+
+    assert not reply.has_error()
+    arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+    assert is_sparse(arrays) and not carries_mask(arrays)
+    decoded = server.decode(arrays)
+    for name, mask in server.masks.items():
+        assert torch.count_nonzero(decoded.state[name][~mask]) == 0, name
+        assert int(torch.count_nonzero(decoded.state[name])) == server.counts[name], name
+    assert any(not torch.equal(decoded.state[n], server.state[n]) for n in server.state)  # it trained
+    assert metrics[P.NUM_EXAMPLES] == len(data)
+    assert metrics[P.UPLOAD_BYTES] == payload_bytes(arrays)
+    assert metrics[P.DOWNLOAD_BYTES] == payload_bytes(request)
+    assert metrics[P.SERVER_ROUND] == 1 and metrics[P.MASK_VERSION] == 0
+
+
+def test_own_train_fn_readjusts_and_the_reply_carries_the_new_mask():
+    server, data = Server(new_model()), random_data()
+    config = round_config(5, alpha=0.2)
+    reply = feddst_flwr.train_reply(
+        message(server.payload(True), config), RecordDict(), new_model(), own_train(data, readjust=True)
+    )
+
+    arrays = reply.content["arrays"]
+    assert carries_mask(arrays)
+    decoded = server.decode(arrays)
+    entered = sum(int((decoded.masks[n] & ~server.masks[n]).sum()) for n in server.masks)
+    assert reply.content["metrics"][P.MASK_ENTERED] == entered > 0
+    for name, mask in decoded.masks.items():
+        assert int(mask.sum()) == server.counts[name], name
+
+
+def test_own_train_fn_dense_round_for_a_baseline():
+    model, data = new_model(), random_data()
+    request = ArrayRecord(model.state_dict())
+    config = ConfigRecord({P.SERVER_ROUND: 1})
+    reply = feddst_flwr.train_reply(message(request, config), RecordDict(), new_model(), own_train(data))
+
+    arrays = reply.content["arrays"]
+    assert not is_sparse(arrays)
+    trained = arrays.to_torch_state_dict()
+    assert trained.keys() == model.state_dict().keys()
+    assert any(not torch.equal(trained[n], t) for n, t in model.state_dict().items())
+
+
+def test_masked_sgd_is_a_train_fn_for_train_reply():
+    server, data = Server(new_model()), random_data()
+    train_fn = feddst_flwr.masked_sgd(data, epochs=1, batch_size=8, lr=0.05, device="cpu")
+    reply = feddst_flwr.train_reply(
+        message(server.payload(True), round_config(5, alpha=0.2)), RecordDict(), new_model(), train_fn
+    )
+
+    decoded = server.decode(reply.content["arrays"])
+    assert decoded.mask_sent
+    assert all(int(decoded.masks[n].sum()) == server.counts[n] for n in server.masks)
+
+
+def test_weights_left_outside_the_mask_are_an_error_naming_the_layer():
+    server, data = Server(new_model()), random_data()
+    with pytest.raises(ValueError, match=r"nonzero weights outside the mask in '.*weight'"):
+        feddst_flwr.train_reply(
+            message(server.payload(True), round_config(1)), RecordDict(), new_model(), own_train(data, leak=True)
+        )
+
+
+def test_a_mask_with_other_counts_is_an_error():
+    server, data = Server(new_model()), random_data()
+
+    def grows_one(model, local):
+        masks = {name: mask.clone() for name, mask in local.masks.items()}
+        name = MASKABLE[1]
+        masks[name].view(-1)[torch.nonzero(~masks[name].view(-1))[0]] = True
+        return LocalResult(len(data), 0.0, masks)
+
+    with pytest.raises(ValueError, match=rf"mask of '{MASKABLE[1]}' must be bool .* active weights"):
+        feddst_flwr.train_reply(
+            message(server.payload(True), round_config(5, alpha=0.2)), RecordDict(), new_model(), grows_one
+        )
+
+
+def test_moving_the_mask_without_readjustment_is_an_error():
+    server, data = Server(new_model()), random_data()
+    train_fn = own_train(data, readjust=True)
+
+    def moves(model, local):
+        return train_fn(model, LocalRound(local.server_round, local.masks, alpha_r=0.2))
+
+    with pytest.raises(ValueError, match="moved the mask on a round without readjustment"):
+        feddst_flwr.train_reply(message(server.payload(True), round_config(5)), RecordDict(), new_model(), moves)
+
+
+def test_gradients_asked_by_prunefl_and_not_returned_are_an_error():
+    server, data = Server(new_model()), random_data()
+    config = round_config(2)
+    config[P.UPLOAD_GRADIENTS] = 1
+    with pytest.raises(ValueError, match="asked for gradients"):
+        feddst_flwr.train_reply(message(server.payload(True), config), RecordDict(), new_model(), own_train(data))
+
+
+def test_bad_and_unanswerable_messages_get_error_replies():
+    server, data = Server(new_model()), random_data()
+    no_config = Message(RecordDict({"arrays": server.payload(True)}), message_type=MessageType.TRAIN, dst_node_id=3)
+    reply = feddst_flwr.train_reply(no_config, RecordDict(), new_model(), own_train(data))
+    assert reply.has_error() and reply.error.code == P.BAD_MESSAGE_CODE and "'config'" in reply.error.reason
+
+    without_mask = message(server.payload(False), round_config(2, version=4))
+    reply = feddst_flwr.train_reply(without_mask, RecordDict(), new_model(), own_train(data))
+    assert reply.has_error() and reply.error.code == P.MISSING_MASK_CODE and "version 4" in reply.error.reason
+
+
+# --------------------------------------------------------------------------- FedDST(...)
+
+
+def test_feddst_arguments_are_keyword_only():
+    with pytest.raises(TypeError):
+        feddst_flwr.FedDST(MASKABLE)  # type: ignore[misc]
+    strategy = feddst_flwr.FedDST(maskable=MASKABLE, sparsity=0.9, delta_r=3)
+    assert (strategy.sparsity, strategy.delta_r) == (0.9, 3)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("maskable", []),
+        ("sparsity", 1.0),
+        ("sparsity", -0.1),
+        ("sparsity", float("nan")),
+        ("distribution", "erk2"),
+        ("alpha", 1.5),
+        ("delta_r", 0),
+        ("delta_r", 2.0),
+        ("r_end", -1),
+        ("fraction_train", 0.0),
+        ("clients_per_round", -1),
+        ("min_train_nodes", 0),
+        ("min_available_nodes", 0),
+        ("proximal_mu", -1.0),
+        ("min_votes", 0),
+        ("min_fit_fraction", 1.5),
+        ("max_num_examples", 0),
+        ("max_update_norm", -1.0),
+        ("value_dtype", "float64"),
+        ("seed", "0"),
+        ("server_optimizer", "momentum"),
+        ("alpha", True),
+    ],
+)
+def test_feddst_rejects_a_bad_argument_by_name(argument, value):
+    options = {"maskable": MASKABLE, argument: value}
+    with pytest.raises(ValueError, match=rf"^FedDST\({argument}="):
+        feddst_flwr.FedDST(**options)
+
+
+def test_prunefl_validates_like_feddst():
+    with pytest.raises(ValueError, match=r"^PruneFL\(delta_r="):
+        feddst_flwr.PruneFL(maskable=MASKABLE, delta_r=0)
