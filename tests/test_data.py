@@ -22,8 +22,13 @@ from feddst_flwr.data import (
     RawDataset,
     client_mean_accuracy,
     client_test_weights,
+    hub,
+    idx,
+    images,
     load_partition,
     load_raw,
+    parquet,
+    partition,
     partitions,
     read_idx,
     to_tensors,
@@ -34,7 +39,7 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 CLASSES = ("truck", "airplane", "cat")  # sorted: airplane=0, cat=1, truck=2
 
 
-REAL_FROM_HUB = data._from_hub
+REAL_FROM_HUB = hub.from_hub
 
 
 @pytest.fixture(autouse=True)
@@ -42,9 +47,9 @@ def fresh_and_offline(monkeypatch):
     """Every test starts from empty in-memory caches and may not reach the hub."""
 
     def no_network(name):
-        raise AssertionError(f"_from_hub('{name}') called: no network access is allowed here")
+        raise AssertionError(f"hub.from_hub('{name}') called: no network access is allowed here")
 
-    monkeypatch.setattr(data, "_from_hub", no_network)
+    monkeypatch.setattr(hub, "from_hub", no_network)
     load_raw.cache_clear()
     partitions.cache_clear()
     yield
@@ -167,10 +172,10 @@ def write_femnist(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, writers
 
 
-def spy(monkeypatch, name: str) -> list:
-    """Count calls of data.<name> (still calling it)."""
-    calls, real = [], getattr(data, name)
-    monkeypatch.setattr(data, name, lambda *args: calls.append(args) or real(*args))
+def spy(monkeypatch, reader) -> list:
+    """Count calls of a reader function of feddst_flwr.data (still calling it)."""
+    calls, module = [], {"idx": idx, "images": images, "parquet": parquet}[reader.__module__.rsplit(".", 1)[1]]
+    monkeypatch.setattr(module, reader.__name__, lambda *args: calls.append(args) or reader(*args))
     return calls
 
 
@@ -393,7 +398,7 @@ def test_missing_dataset_names_every_place_tried(data_dir, cache, name, folders,
 def test_hub_download_is_cached(cache, monkeypatch):
     small = expected_raw(pixels(6, (1, 28, 28)), np.arange(6), pixels(2, (1, 28, 28), 1), [1, 0])
     calls = []
-    monkeypatch.setattr(data, "_from_hub", lambda name: calls.append(name) or small)
+    monkeypatch.setattr(hub, "from_hub", lambda name: calls.append(name) or small)
     first = load_raw("mnist", "", cache)
     load_raw.cache_clear()
     second = load_raw("mnist", "", cache)
@@ -432,7 +437,7 @@ def test_hub_loading_converts_federated_dataset_splits(cache, monkeypatch):
         "uoft-cs/cifar10": {"train": hf_split(train, [0, 1, 2, 3, 4]), "test": hf_split(test, [9, 8, 7])}
     }
     monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeFederatedDataset)
-    monkeypatch.setattr(data, "_from_hub", REAL_FROM_HUB)
+    monkeypatch.setattr(hub, "from_hub", REAL_FROM_HUB)
     assert_same(load_raw("cifar10", "", cache), expected_raw(train, [0, 1, 2, 3, 4], test, [9, 8, 7]))
 
 
@@ -441,20 +446,23 @@ def test_hub_failure_names_the_hub_id_and_the_local_alternative(cache, monkeypat
 
     FakeFederatedDataset.splits = {}
     monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeFederatedDataset)
-    monkeypatch.setattr(data, "_from_hub", REAL_FROM_HUB)
+    monkeypatch.setattr(hub, "from_hub", REAL_FROM_HUB)
     with pytest.raises(DatasetNotFoundError, match=r"'uoft-cs/cifar100'.*ConnectionError.*data-dir"):
         load_raw("cifar100", "", cache)
 
 
-LAYOUTS = {  # decoder name -> (dataset, writer of its source under data_dir)
-    "_from_idx": ("mnist", lambda data_dir: write_mnist(data_dir / "MNIST" / "raw", gz=True)),
-    "_from_image_folder": ("cifar10", lambda data_dir: write_tree(data_dir / "cifar10")),
-    "_from_tarball": ("cifar10", lambda data_dir: write_tarball(data_dir / "cifar10-png" / "c.tgz", data_dir / "t")),
-    "_from_parquet": ("cifar10", lambda data_dir: write_cifar_parquet(data_dir / "cifar10")),
+LAYOUTS = {  # reader -> (dataset, writer of its source under data_dir)
+    idx.from_idx: ("mnist", lambda data_dir: write_mnist(data_dir / "MNIST" / "raw", gz=True)),
+    images.from_image_folder: ("cifar10", lambda data_dir: write_tree(data_dir / "cifar10")),
+    images.from_tarball: (
+        "cifar10",
+        lambda data_dir: write_tarball(data_dir / "cifar10-png" / "c.tgz", data_dir / "t"),
+    ),
+    parquet.from_parquet: ("cifar10", lambda data_dir: write_cifar_parquet(data_dir / "cifar10")),
 }
 
 
-@pytest.mark.parametrize("decoder", LAYOUTS)
+@pytest.mark.parametrize("decoder", LAYOUTS, ids=lambda reader: reader.__name__)
 def test_decoded_arrays_are_cached_as_npy(data_dir, cache, monkeypatch, decoder):
     name, write = LAYOUTS[decoder]
     expected = write(data_dir)
@@ -473,7 +481,7 @@ def test_decoded_arrays_are_cached_as_npy(data_dir, cache, monkeypatch, decoder)
 
 def test_changed_source_files_invalidate_the_cache(data_dir, cache, monkeypatch):
     write_mnist(data_dir / "mnist")
-    calls = spy(monkeypatch, "_from_idx")
+    calls = spy(monkeypatch, idx.from_idx)
     first = load_raw("mnist", str(data_dir), cache)
     write_idx(data_dir / "mnist" / "t10k-images-idx3-ubyte", pixels(5, (1, 28, 28), 5)[:, 0])
     write_idx(data_dir / "mnist" / "t10k-labels-idx1-ubyte", np.full(5, 7, np.uint8))
@@ -495,7 +503,7 @@ def test_partitions_are_cached_next_to_the_arrays(data_dir, cache, monkeypatch):
     def fail(*_):
         raise AssertionError("partitions recomputed instead of read from the cache")
 
-    monkeypatch.setattr(data, "_partitions", fail)
+    monkeypatch.setattr(partition, "_partitions", fail)
     partitions.cache_clear()
     load_raw.cache_clear()
     again = partitions(load_raw("mnist", str(data_dir), cache), pathological)
