@@ -8,14 +8,11 @@ import os
 from dataclasses import asdict, dataclass
 from dataclasses import fields as fields_of
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from .grid import Traffic
-
-if TYPE_CHECKING:  # the config imports the strategies, which checkpoint
-    from .config import ExperimentConfig
 
 FORMAT = 2  # 2: the strategy state holds the initial mask (mask-drift)
 # Keys that may change between the interrupted run and its resumption.
@@ -29,6 +26,18 @@ RESUMABLE_CHANGES = (
     "results_dir",
     "run_name",
 )
+
+
+class RunConfig(Protocol):
+    """What a checkpoint needs of the run config (ExperimentConfig): where the run writes,
+    how many rounds it has, and dataclass fields to fingerprint."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    results_dir: str
+    num_server_rounds: int
+
+    @property
+    def name(self) -> str: ...
 
 
 class CheckpointError(RuntimeError):
@@ -45,16 +54,16 @@ class Checkpoint:
     recorder: dict[str, Any]
 
 
-def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The run config keys a checkpoint must agree with."""
     return {key: value for key, value in asdict(cfg).items() if key not in RESUMABLE_CHANGES}
 
 
-def checkpoint_path(cfg: ExperimentConfig) -> Path:
+def checkpoint_path(cfg: RunConfig) -> Path:
     return Path(cfg.results_dir) / cfg.name / "checkpoint.pt"
 
 
-def save_checkpoint(cfg: ExperimentConfig, checkpoint: Checkpoint) -> Path:
+def save_checkpoint(cfg: RunConfig, checkpoint: Checkpoint) -> Path:
     """Write the checkpoint atomically: a temporary file, fsync, then rename over the old one."""
     path = checkpoint_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +76,7 @@ def save_checkpoint(cfg: ExperimentConfig, checkpoint: Checkpoint) -> Path:
     return path
 
 
-def load_checkpoint(cfg: ExperimentConfig) -> Checkpoint:
+def load_checkpoint(cfg: RunConfig) -> Checkpoint:
     """The run's last checkpoint; CheckpointError if it is missing, corrupt or mismatched."""
     path = checkpoint_path(cfg)
     if not path.exists():
