@@ -1,5 +1,6 @@
 """Benchmark: many simulated SuperNodes (issue 12): the MNIST paper preset with 1,000 and 5,000
-supernodes for a few rounds, printing the peak summed RSS of every process the run started
+supernodes for a few rounds (at 5,000, 5 images per class per client instead of 20: MNIST
+holds no more), printing the peak summed RSS of every process the run started
 (SuperLink, simulation runtime, Ray and its workers) and the seconds per round.
 
     python bench/scale.py [--supernodes 1000 5000] [--rounds 3]
@@ -28,6 +29,15 @@ from round_time import bench_config  # noqa: E402
 import sim  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+SMALLEST_CLASS = 5421  # MNIST training images of digit 5, the rarest class
+
+
+def shard_size(supernodes: int, preset: int = 20, classes_per_client: int = 2) -> int:
+    """The preset's images per class per client where MNIST holds enough (up to about 1,350
+    supernodes), else as many as the rarest class allows: each class is held by
+    supernodes * classes_per_client / 10 clients."""
+    holders = -(-supernodes * classes_per_client // 10)
+    return min(preset, SMALLEST_CLASS // holders)
 
 
 def summed_rss(marker: bytes) -> int:
@@ -61,7 +71,11 @@ class PeakMemory(threading.Thread):
 def measure(supernodes: int, rounds: int) -> tuple[int, float]:
     """(peak summed RSS in bytes, median seconds per round after the first) of one run."""
     with tempfile.TemporaryDirectory(prefix="feddst-scale-") as folder:
-        config = {**bench_config(rounds, "cpu", Path(folder) / "results"), "run-name": f"scale-{supernodes}"}
+        config = {
+            **bench_config(rounds, "cpu", Path(folder) / "results"),
+            "run-name": f"scale-{supernodes}",
+            "shard-size": shard_size(supernodes),
+        }
         monitor = PeakMemory(f"FLWR_HOME={Path(folder) / 'flwr-home'}")
         monitor.start()
         try:
@@ -83,10 +97,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = [(n, *measure(n, args.rounds)) for n in args.supernodes]
     print(f"\nMNIST paper preset, {args.rounds} rounds, 20 clients a round")
-    print("| supernodes | peak summed RSS GiB | seconds per round (median after the first) |")
-    print("|---|---|---|")
+    print(
+        "| supernodes | images per class per client | peak summed RSS GiB | seconds per round (median after the first) |"
+    )
+    print("|---|---|---|---|")
     for supernodes, peak, seconds in rows:
-        print(f"| {supernodes} | {peak / 2**30:.2f} | {seconds:.2f} |")
+        print(f"| {supernodes} | {shard_size(supernodes)} | {peak / 2**30:.2f} | {seconds:.2f} |")
 
 
 if __name__ == "__main__":
