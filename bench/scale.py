@@ -1,13 +1,15 @@
 """Benchmark: many simulated SuperNodes (issue 12): the MNIST paper preset with 1,000 and 5,000
 supernodes for a few rounds (at 5,000, 5 images per class per client instead of 20: MNIST
-holds no more), printing the peak summed RSS of every process the run started
-(SuperLink, simulation runtime, Ray and its workers) and the seconds per round.
+holds no more), printing the peak summed RSS and PSS of every process the run started
+(SuperLink, simulation runtime, Ray and its workers) and the median seconds per round after
+the first.
 
     python bench/scale.py [--supernodes 1000 5000] [--rounds 3]
 
-RSS is read from /proc every half second and summed over the processes whose environment
-carries the run's own FLWR_HOME (the SuperLink, the simulation runtime, Ray and its workers all
-inherit it); shared pages count once per process, as `ps` shows them. Run it alone.
+Memory is read from /proc/<pid>/smaps_rollup every half second and summed over the processes
+whose environment carries the run's own FLWR_HOME (the SuperLink, the simulation runtime, Ray
+and its workers all inherit it): RSS counts a shared page once per process, as `ps` shows it;
+PSS shares it out, so summed PSS is what the run occupies. Run it alone.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from round_time import bench_config  # noqa: E402
 
 import sim  # noqa: E402
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 SMALLEST_CLASS = 5421  # MNIST training images of digit 5, the rarest class
 
 
@@ -40,36 +41,43 @@ def shard_size(supernodes: int, preset: int = 20, classes_per_client: int = 2) -
     return min(preset, SMALLEST_CLASS // holders)
 
 
-def summed_rss(marker: bytes) -> int:
-    """Bytes resident in the processes whose environment contains `marker` (this one excluded)."""
-    total = 0
+def summed_memory(marker: bytes) -> tuple[int, int]:
+    """(RSS, PSS) in bytes, summed over the processes whose environment contains `marker`
+    (this one excluded). PSS splits each shared page among the processes that map it, so
+    the summed PSS is the memory the run really occupies; summed RSS counts torch's shared
+    libraries once per process."""
+    rss = pss = 0
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
             continue
         try:
             if marker not in Path(f"/proc/{name}/environ").read_bytes():
                 continue
-            total += int(Path(f"/proc/{name}/statm").read_text().split()[1]) * PAGE
-        except (OSError, IndexError, ValueError):  # exited, or not ours to read
-            pass
-    return total
+            rollup = Path(f"/proc/{name}/smaps_rollup").read_text().splitlines()
+        except OSError:  # exited, or not ours to read
+            continue
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in rollup[1:] if line.endswith("kB")}
+        rss, pss = rss + fields.get("Rss", 0), pss + fields.get("Pss", 0)
+    return rss, pss
 
 
 class PeakMemory(threading.Thread):
-    """Samples the summed RSS of the processes that carry `marker` in their environment."""
+    """Samples the summed RSS and PSS of the processes that carry `marker` in their environment."""
 
     def __init__(self, marker: str, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.marker, self.interval, self.peak = marker.encode(), interval, 0
+        self.marker, self.interval, self.peak = marker.encode(), interval, (0, 0)
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
-            self.peak = max(self.peak, summed_rss(self.marker))
+            rss, pss = summed_memory(self.marker)
+            self.peak = (max(self.peak[0], rss), max(self.peak[1], pss))
 
 
-def measure(supernodes: int, rounds: int) -> tuple[int, float]:
-    """(peak summed RSS in bytes, median seconds per round after the first) of one run."""
+def measure(supernodes: int, rounds: int) -> tuple[tuple[int, int], float]:
+    """((peak summed RSS, peak summed PSS) in bytes, median seconds per round after the
+    first) of one run."""
     with tempfile.TemporaryDirectory(prefix="feddst-scale-") as folder:
         config = {
             **bench_config(rounds, "cpu", Path(folder) / "results"),
