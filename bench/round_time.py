@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import sim  # noqa: E402
 from feddst_flwr.config import ExperimentConfig  # noqa: E402
 from feddst_flwr.data import load_partition, load_raw  # noqa: E402
-from feddst_flwr.masks import apply_masks, layer_counts, maskable_names, random_masks, shapes_of  # noqa: E402
+from feddst_flwr.masks import apply_masks, layer_counts, maskable_names, masks_to, random_masks, shapes_of  # noqa: E402
 from feddst_flwr.models import build_model  # noqa: E402
 from feddst_flwr.training import resolve_device, train  # noqa: E402
 
@@ -74,7 +74,7 @@ def bare_round_times(config: dict, supernodes: int) -> list[float]:
     state = model.state_dict()
     names = maskable_names(model)
     masks = random_masks(shapes_of(state, names), layer_counts(shapes_of(state, names), cfg.sparsity, "erk"), cfg.seed)
-    masks = {name: mask.to(device) for name, mask in masks.items()}
+    masks = masks_to(masks, device)
     apply_masks(state, masks)
     rng, times = random.Random(cfg.seed), []
     for server_round in range(1, cfg.num_server_rounds):

@@ -25,7 +25,7 @@ from .codec import (
     masks_to_record,
     payload_bytes,
 )
-from .masks import Masks, active, difference, hamming, maskable_names, shapes_of
+from .masks import Masks, active, difference, hamming, maskable_names, masks_to, shapes_of
 from .training import LocalResult, LocalRound, TrainFn
 from .validation import check_number
 
@@ -155,11 +155,11 @@ def checked_masks(result: LocalResult, local: LocalRound, weights: dict[str, tor
     if local.masks is None:
         return None
     if result.masks is None or local.alpha_r == 0:
-        if result.masks is not None and hamming(on_cpu(result.masks), local.masks):
+        if result.masks is not None and hamming(masks_to(result.masks, "cpu"), local.masks):
             raise ValueError("train_fn moved the mask on a round without readjustment (alpha_r = 0)")
         masks = local.masks
     else:
-        masks = on_cpu(result.masks)
+        masks = masks_to(result.masks, "cpu")
     if set(masks) != set(local.masks):
         raise ValueError(f"train_fn returned masks for {sorted(masks)}, the server's mask covers {sorted(local.masks)}")
     for name, mask in masks.items():
@@ -189,11 +189,6 @@ def checked_gradients(result: LocalResult, local: LocalRound, weights: dict[str,
         if gradient.shape != weights[name].shape:
             raise ValueError(f"train_fn's gradient of '{name}' has shape {tuple(gradient.shape)}")
     return ArrayRecord({name: result.gradients[name].detach().cpu() for name in local.masks})
-
-
-def on_cpu(masks: Masks) -> Masks:
-    """The masks on the CPU."""
-    return {name: mask.cpu() for name, mask in masks.items()}
 
 
 def train_reply(

@@ -158,6 +158,11 @@ def prune_and_regrow(
     return new_masks
 
 
+def masks_to(masks: Masks, device: torch.device | str) -> Masks:
+    """The masks on `device`."""
+    return {name: mask.to(device) for name, mask in masks.items()}
+
+
 def apply_masks(weights: dict[str, torch.Tensor], masks: Masks) -> None:
     """Zero every pruned weight in place."""
     with torch.no_grad():

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TensorData
-from .masks import Masks, apply_masks, prune_and_regrow, seeded_generator
+from .masks import Masks, apply_masks, masks_to, prune_and_regrow, seeded_generator
 
 
 def batches(data: TensorData, batch_size: int, generator: torch.Generator | None):
@@ -116,7 +116,7 @@ def masked_sgd(
         model.to(on)
         local_data = data.to(on)
         generator = seeded_generator(seed, local.server_round, partition_id)
-        masks = None if local.masks is None else {name: mask.to(on) for name, mask in local.masks.items()}
+        masks = None if local.masks is None else masks_to(local.masks, on)
         readjust = Readjustment(local.alpha_r, readjust_after, grow_batches) if masks and local.alpha_r > 0 else None
         trained = train(
             model, local_data, masks,
