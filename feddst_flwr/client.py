@@ -15,6 +15,7 @@ from flwr.common import log
 
 from . import protocol as P
 from .codec import (
+    DEFAULT_VALUE_DTYPE,
     CodecError,
     HeldMask,
     carries_mask,
@@ -115,7 +116,7 @@ def client_round(
     round_config: ConfigRecord,
     node_state: RecordDict,
     train_fn: TrainFn,
-    value_dtype: str = "float32",
+    value_dtype: str = DEFAULT_VALUE_DTYPE,
 ) -> ClientResult:
     """Run one training round on a node and build its reply: `arrays` and `round_config`
     are the server's message, `node_state` the node's Context state (it keeps the mask),
@@ -192,7 +193,12 @@ def checked_gradients(result: LocalResult, local: LocalRound, weights: dict[str,
 
 
 def train_reply(
-    msg: Message, node_state: RecordDict, model: torch.nn.Module, train_fn: TrainFn, *, value_dtype: str = "float32"
+    msg: Message,
+    node_state: RecordDict,
+    model: torch.nn.Module,
+    train_fn: TrainFn,
+    *,
+    value_dtype: str = DEFAULT_VALUE_DTYPE,
 ) -> Message:
     """A ClientApp's whole train handler: decode the server's message (FedDST's sparse
     payload or a baseline's dense one) into `model`, run `train_fn`, and reply with the

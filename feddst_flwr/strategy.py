@@ -18,7 +18,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, samp
 from . import protocol as P
 from .aggregation import ClientUpdate, RoundStats, ServerOptimizer, Votes, aggregate
 from .checkpoint import Checkpoint, CheckpointError
-from .codec import VALUE_DTYPES, CodecError, HeldMask, decode, encode
+from .codec import DEFAULT_VALUE_DTYPE, VALUE_DTYPES, CodecError, HeldMask, decode, encode
 from .masks import (
     DISTRIBUTIONS,
     Masks,
@@ -82,8 +82,8 @@ class FedDST(ReplyGuard):
     max_update_norm : float (default: 0.0)
         A reply whose update (its values minus the global model's) has an L2 norm above
         this multiple of the round's median is rejected; 0: no bound.
-    value_dtype : str (default: "float32")
-        Wire dtype of the sparse values ("float32" or "float16").
+    value_dtype : str (default: "float16")
+        Wire dtype of the sparse values ("float16" or "float32"); clients must send the same.
     seed : int (default: 0)
         Seeds the initial mask, the node sampling, and the random key that breaks ties
         (after votes) in the re-prune.
@@ -110,7 +110,7 @@ class FedDST(ReplyGuard):
         min_fit_fraction: float = 0.5,
         max_num_examples: int = 1_000_000,
         max_update_norm: float = 0.0,
-        value_dtype: str = "float32",
+        value_dtype: str = DEFAULT_VALUE_DTYPE,
         seed: int = 0,
         server_optimizer: ServerOptimizer | None = None,
         weighted_by_key: str = P.NUM_EXAMPLES,

@@ -95,7 +95,10 @@ class Server:
 
     def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
         self.masks, self.counts = erk_masks(model, 0.8, seed)
-        self.state = {name: t.clone() for name, t in model.state_dict().items()}
+        # values a float16 payload carries exactly, so that what a client receives equals `state`
+        self.state = {
+            name: t.half().float() if t.is_floating_point() else t.clone() for name, t in model.state_dict().items()
+        }
         apply_masks(self.state, self.masks)
         self.reference = {name: tuple(t.shape) for name, t in self.state.items()}
         self.maskable = maskable_names(model)

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedProx
 from feddst_flwr import protocol as P
 from feddst_flwr import training as training_module
 from feddst_flwr.client import MissingMaskError, held_mask, injected_failure
-from feddst_flwr.codec import DENSE_STYPE, CodecError, carries_mask, is_sparse, payload_bytes
+from feddst_flwr.codec import DENSE_STYPE, VALUE_DTYPES, CodecError, carries_mask, is_sparse, payload_bytes
 from feddst_flwr.masks import hamming, maskable_names
 from feddst_flwr.training import LocalTraining
 
@@ -51,7 +51,7 @@ def test_sparse_round_without_readjust_replies_values_only(server, make_cfg, dat
     for name, mask in server.masks.items():
         assert torch.count_nonzero(decoded.state[name][~mask]) == 0, name
         assert int(torch.count_nonzero(decoded.state[name])) == server.counts[name], name
-        assert len(result.arrays[name].data) == 4 * server.counts[name]  # float32 values only
+        assert len(result.arrays[name].data) == 2 * server.counts[name]  # float16 values (the default) only
     assert any(not torch.equal(decoded.state[n], server.state[n]) for n in server.state)  # it trained
 
     metrics = result.metrics
@@ -299,9 +299,11 @@ def test_prunefl_reconfiguration_round_uploads_dense_squared_gradients(server, m
 def nan_payload(server: Server) -> ArrayRecord:
     record = server.payload(True)
     name = server.maskable[0]
-    values = np.frombuffer(record[name].data, dtype="<f4").copy()
+    values = np.frombuffer(record[name].data, dtype=VALUE_DTYPES[record[name].dtype]).copy()
     values[0] = np.nan
-    record[name] = Array(dtype="float32", shape=record[name].shape, stype=record[name].stype, data=values.tobytes())
+    record[name] = Array(
+        dtype=record[name].dtype, shape=record[name].shape, stype=record[name].stype, data=values.tobytes()
+    )
     return record
 
 

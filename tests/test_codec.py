@@ -79,7 +79,7 @@ def dense_array(values) -> Array:
 @pytest.mark.parametrize("send_mask", [True, False])
 def test_round_trip_float32_is_exact(send_mask):
     state, masks = make_state(), make_masks()
-    record = codec.encode(state, masks, send_mask)
+    record = codec.encode(state, masks, send_mask, "float32")
 
     decoded = decode(record, held=None if send_mask else masks)
 

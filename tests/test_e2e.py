@@ -18,6 +18,7 @@ import tomllib
 import torch
 
 import sim
+from feddst_flwr.codec import DEFAULT_VALUE_DTYPE, VALUE_DTYPES
 from feddst_flwr.mask_coding import encode_mask
 from feddst_flwr.masks import layer_counts, maskable_names, random_masks, readjust_alpha
 from feddst_flwr.models import DigitsCNN
@@ -103,7 +104,7 @@ def predicted_sizes() -> tuple[int, int, int, float]:
     maskable = maskable_names(DigitsCNN())
     counts = layer_counts({n: tuple(state[n].shape) for n in maskable}, 0.8, "erk")
     dense_part = sum(dense_tensor_bytes(t) for n, t in state.items() if n not in maskable)
-    values = 4 * sum(counts.values())
+    values = VALUE_DTYPES[DEFAULT_VALUE_DTYPE].itemsize * sum(counts.values())  # the run uses the default
     masks = random_masks({n: tuple(state[n].shape) for n in maskable}, counts, 0)
     full_masks = sum(len(encode_mask(mask.flatten().numpy())[1]) for mask in masks.values())
     density = sum(counts.values()) / sum(state[n].numel() for n in maskable)

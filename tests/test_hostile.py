@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUES_STYPE, HeldMask, decode, encode
+from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUE_DTYPES, VALUES_STYPE, HeldMask, decode, encode
 from feddst_flwr.mask_coding import CODED_HEADER, CODED_STYPE
 from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded
 
@@ -130,11 +130,11 @@ def raw(dtype: str, shape: tuple, data: bytes, stype: str = DENSE_STYPE) -> Arra
 
 
 def poke(transform):
-    """The array's values (dense or sparse) after transform(float32 numpy copy)."""
+    """The array's values (dense or sparse) after transform(numpy copy in the wire dtype)."""
 
     def make(array: Array) -> Array:
         if array.stype == VALUES_STYPE:
-            values = transform(np.frombuffer(array.data, dtype="<f4").copy())
+            values = transform(np.frombuffer(array.data, dtype=VALUE_DTYPES[array.dtype]).copy())
             return raw(str(values.dtype), tuple(array.shape), values.tobytes(), VALUES_STYPE)
         return Array(transform(array.numpy().copy()))
 
@@ -183,7 +183,7 @@ def remasked(change, name: str | None = None, array=None, delta_from: int | None
         masks = {key: mask.clone() for key, mask in decoded.masks.items()}
         change(masks["fc1.weight"].view(-1))
         base = HeldMask(strategy.masks, delta_from) if delta_from is not None else None
-        arrays = encode(decoded.state, masks, True, "float32", base)
+        arrays = encode(decoded.state, masks, True, strategy.value_dtype, base)
         if name is not None:
             arrays[name] = (
                 reply.content["arrays"][name] if array is None else array(arrays[name]) if callable(array) else array
@@ -256,9 +256,9 @@ CASES = {
     "scaled by 1e30": (2, scaled(1e30), "update norm", ALL),
     # FedDST's sparse payload
     "NaN value": (2, layer("fc1.weight", poke(at(3, np.nan))), "NaN", SPARSE),
-    "wrong value count": (2, layer("fc1.weight", lambda a: raw("float32", tuple(a.shape), a.data[:-4], VALUES_STYPE)), "values but the mask", SPARSE),
+    "wrong value count": (2, layer("fc1.weight", lambda a: raw(a.dtype, tuple(a.shape), a.data[:-4], VALUES_STYPE)), "values but the mask", SPARSE),
     "float64 values": (2, layer("fc1.weight", poke(lambda v: v.astype("<f8"))), "dtype", SPARSE),
-    "float16 values, float32 configured": (2, layer("fc1.weight", poke(lambda v: v.astype("<f2"))), "value-dtype", SPARSE),
+    "float32 values, float16 configured": (2, layer("fc1.weight", poke(lambda v: v.astype("<f4"))), "value-dtype", SPARSE),
     "short bitmask": (2, remasked(swap_one, "fc1.weight:mask", raw("bool", (0,), b"\x00", BITMASK_STYPE)), "mask shape", SPARSE),
     "mask delta from an old version": (2, remasked(swap_one, delta_from=-1 % 2**64), "holds version 0", SPARSE),
     "mask delta as a full mask": (2, remasked(swap_one, "fc1.weight:mask", lambda a: raw("bool", tuple(a.shape), a.data, CODED_STYPE), 0), "beyond the declared", SPARSE),

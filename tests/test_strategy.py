@@ -390,7 +390,7 @@ def test_build_strategy_sparse(make_cfg, name, alpha, mu):
     assert strategy.maskable == MASKABLE
     assert (strategy.sparsity, strategy.distribution, strategy.delta_r, strategy.r_end) == (0.8, "erk", 5, 30)
     assert (strategy.clients_per_round, strategy.min_available_nodes, strategy.seed) == (4, 4, 0)
-    assert (strategy.min_votes, strategy.value_dtype) == (1, "float32")
+    assert (strategy.min_votes, strategy.value_dtype) == (1, "float16")
     assert strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), FakeGrid(NODES)) == []
 
 
