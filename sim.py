@@ -9,6 +9,7 @@ number of simulated nodes, plus run-config overrides for all runs ([run-config])
 strategy ([strategy.NAME]); `reference` names the run whose upload sets the report's caps
 (default feddst). A name in `strategies` may be a variant: its section sets
 `strategy` (e.g. [strategy.feddst-paper] with strategy = "feddst" and readjust-at = "end").
+A section's `seeds` replaces the experiment's for that strategy (e.g. one seed for a side arm).
 Results go to results/<experiment>/<NAME>-seed<k>/.
 """
 
@@ -60,21 +61,31 @@ class Experiment:
         unknown = set(spec.get("strategy", {})) - set(spec["strategies"])
         if unknown:
             raise ValueError(f"{path}: [strategy.X] sections for strategies not in the list: {sorted(unknown)}")
+        for name, section in spec.get("strategy", {}).items():
+            seeds = section.get("seeds", [0])
+            if not (isinstance(seeds, list) and seeds and all(type(seed) is int for seed in seeds)):
+                raise ValueError(f"{path}: [strategy.{name}] seeds = {seeds!r}: expected a non-empty list of ints")
         return cls(
             path.stem, tomllib.loads(preset.read_text()), list(spec["strategies"]), list(spec["seeds"]),
             int(spec["num-supernodes"]), spec.get("run-config", {}), spec.get("strategy", {}), spec.get("caption", ""),
             spec.get("reference", "feddst"),
         )  # fmt: skip
 
+    def seeds_of(self, strategy: str) -> list[int]:
+        """The strategy's own `seeds` if its section sets them, else the experiment's."""
+        return list(self.per_strategy.get(strategy, {}).get("seeds", self.seeds))
+
     def runs(self) -> list[tuple[str, int]]:
         """Seed by seed, so that an unfinished experiment compares every strategy on its first seeds."""
-        return [(strategy, seed) for seed in self.seeds for strategy in self.strategies]
+        seeds = sorted({seed for strategy in self.strategies for seed in self.seeds_of(strategy)})
+        return [(strategy, seed) for seed in seeds for strategy in self.strategies if seed in self.seeds_of(strategy)]
 
     def config(self, strategy: str, seed: int, results: Path) -> dict:
         """The full run config of one run: preset, then overrides, then its identity; relative
         data and cache folders are taken from the project root."""
+        own = {key: value for key, value in self.per_strategy.get(strategy, {}).items() if key != "seeds"}
         config = {
-            **self.preset, **self.run_config, "strategy": strategy, **self.per_strategy.get(strategy, {}),
+            **self.preset, **self.run_config, "strategy": strategy, **own,
             "seed": seed, "results-dir": str(results), "run-name": f"{strategy}-seed{seed}",
         }  # fmt: skip
         for key in ("data-dir", "cache-dir"):

@@ -127,6 +127,13 @@ def test_a_variant_is_a_strategy_with_its_own_name_and_settings(tmp_path):
     assert exp.reference == "feddst-paper" and experiment(tmp_path).reference == "feddst"
 
 
+def test_a_strategy_section_may_set_its_own_seeds(tmp_path):
+    exp = experiment(tmp_path, own="seeds = [2]\n")  # appended to [strategy.fedavg]
+    assert exp.seeds_of("fedavg") == [2] and exp.seeds_of("feddst") == [0, 1]
+    assert exp.runs() == [("feddst", 0), ("feddst", 1), ("fedavg", 2)]
+    assert "seeds" not in exp.config("fedavg", 2, tmp_path)
+
+
 def moving_records(accuracies: list[float], entered: list[int], drift: list[float]) -> list[dict]:
     """Records of a FedDST run: readjust rounds 1 and 2 (alpha > 0), mask statistics."""
     recs = records([0, 1, 2, 3], accuracies)
@@ -161,6 +168,10 @@ def test_seed_table_and_mask_movement_plot(tmp_path):
         ('preset = "nope"\nstrategies = ["feddst"]\nseeds = [0]\nnum-supernodes = 5\n', "preset 'nope' not found"),
         ('preset = "digits"\nstrategies = ["feddst"]\nseeds = [0]\nnum-supernodes = 5\n[strategy.fedavg]\nlr = 1.0\n',
          "not in the list"),
+        ('preset = "digits"\nstrategies = ["feddst"]\nseeds = [0]\nnum-supernodes = 5\n[strategy.feddst]\nseeds = 1\n',
+         "seeds = 1: expected a non-empty list of ints"),
+        ('preset = "digits"\nstrategies = ["feddst"]\nseeds = [0]\nnum-supernodes = 5\n[strategy.feddst]\nseeds = []\n',
+         "expected a non-empty list"),
     ],
 )  # fmt: skip
 def test_bad_experiment_files_are_named(tmp_path, text, problem):
