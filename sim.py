@@ -97,10 +97,13 @@ class Experiment:
 Runner = Callable[[dict, int, Path], None]  # (run config, num supernodes, FLWR_HOME)
 
 
+ATTEMPTS = 3  # a run that ends early (e.g. the SuperLink lost the run's heartbeat) is started again
+
+
 def run_experiment(experiment: Experiment, results: Path, runner: Runner) -> None:
-    """Run every (strategy, seed) without a `done` marker; a run left unfinished by an
-    interruption continues from its checkpoint if it has one (`checkpoint-every` > 0, FedDST
-    family), else it is deleted and restarted from scratch."""
+    """Run every (strategy, seed) without a `done` marker; a run left unfinished (by an
+    interruption, or ending early: then up to ATTEMPTS times) continues from its checkpoint if
+    it has one (`checkpoint-every` > 0, FedDST family), else it is deleted and restarted."""
     home = results / ".flwr-home"
     stop_superlink(home)  # an interrupted sim.py may have left a run going
     todo = experiment.runs()
@@ -110,19 +113,30 @@ def run_experiment(experiment: Experiment, results: Path, runner: Runner) -> Non
             print(f"[{index}/{len(todo)}] {run_dir.name}: finished, skipped")
             continue
         config = experiment.config(strategy, seed, results)
-        resume = config.get("checkpoint-every", 0) > 0 and (run_dir / "checkpoint.pt").exists()
-        if resume:
-            config["resume"] = True
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        action = "resumed from its checkpoint" if resume else f"{config['num-server-rounds']} rounds"
-        print(f"[{index}/{len(todo)}] {run_dir.name}: {action}", flush=True)
-        runner(config, experiment.num_supernodes, home)
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-        if len(lines) != config["num-server-rounds"] + 1:
-            raise RuntimeError(f"{run_dir}: run ended with {len(lines)} of {config['num-server-rounds'] + 1} records")
+        for attempt in range(1, ATTEMPTS + 1):
+            print(f"[{index}/{len(todo)}] {run_dir.name}: {start_run(config, run_dir)}", flush=True)
+            runner(config, experiment.num_supernodes, home)
+            metrics = run_dir / "metrics.jsonl"
+            records = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if records == config["num-server-rounds"] + 1:
+                break
+            problem = f"{run_dir}: run ended with {records} of {config['num-server-rounds'] + 1} records"
+            if attempt == ATTEMPTS:
+                raise RuntimeError(problem)
+            print(f"{problem}; attempt {attempt + 1} of {ATTEMPTS}", flush=True)
+            stop_superlink(home)
         (run_dir / "done").write_text("")
     stop_superlink(home)
+
+
+def start_run(config: dict, run_dir: Path) -> str:
+    """Set the run up to resume from its checkpoint if it has one, else from scratch (its
+    folder deleted); says which."""
+    if config.get("checkpoint-every", 0) > 0 and (run_dir / "checkpoint.pt").exists():
+        config["resume"] = True
+        return "resumed from its checkpoint"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return f"{config['num-server-rounds']} rounds"
 
 
 def flwr_run(config: dict, num_supernodes: int, home: Path) -> None:

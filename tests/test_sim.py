@@ -184,10 +184,10 @@ def test_bad_experiment_files_are_named(tmp_path, text, problem):
 class FakeRunner:
     """Writes a run's metrics like the ServerApp would; can fail mid-run."""
 
-    def __init__(self, fail: str = "") -> None:
+    def __init__(self, fail: str = "", times: int = sim.ATTEMPTS) -> None:
         self.calls: list[str] = []
         self.resumed: list[str] = []
-        self.fail = fail
+        self.fail, self.times = fail, times  # run `fail` ends early its first `times` attempts
 
     def __call__(self, config: dict, num_supernodes: int, home: Path) -> None:
         self.calls.append(config["run-name"])
@@ -195,7 +195,8 @@ class FakeRunner:
         run_dir.mkdir(parents=True, exist_ok=config.get("resume", False))
         if config.get("resume"):
             self.resumed.append(config["run-name"])
-        rounds = 1 if config["run-name"] == self.fail else config["num-server-rounds"] + 1
+        failing = config["run-name"] == self.fail and self.calls.count(self.fail) <= self.times
+        rounds = 1 if failing else config["num-server-rounds"] + 1
         (run_dir / "metrics.jsonl").write_text("{}\n" * rounds)
 
 
@@ -227,10 +228,25 @@ def test_an_interrupted_run_with_a_checkpoint_resumes(tmp_path):
 
 
 def test_a_run_that_ends_early_is_not_marked_done(tmp_path):
-    exp, results = experiment(tmp_path), tmp_path / "results"
+    exp, results, runner = experiment(tmp_path), tmp_path / "results", FakeRunner(fail="feddst-seed1")
     with pytest.raises(RuntimeError, match="1 of 3 records"):
-        sim.run_experiment(exp, results, FakeRunner(fail="feddst-seed1"))
+        sim.run_experiment(exp, results, runner)
+    assert runner.calls.count("feddst-seed1") == sim.ATTEMPTS
     assert (results / "feddst-seed0" / "done").exists() and not (results / "feddst-seed1" / "done").exists()
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_a_run_that_ends_early_is_tried_again(tmp_path, checkpoint):
+    """With a checkpoint the next attempt resumes; without one it starts again from scratch."""
+    exp, results, runner = experiment(tmp_path), tmp_path / "results", FakeRunner(fail="feddst-seed1", times=1)
+    if checkpoint:
+        exp.per_strategy["feddst"] = {"checkpoint-every": 1}
+        (results / "feddst-seed1").mkdir(parents=True)
+        (results / "feddst-seed1" / "checkpoint.pt").write_text("")
+    sim.run_experiment(exp, results, runner)
+    assert runner.calls == ["feddst-seed0", "fedavg-seed0", "feddst-seed1", "feddst-seed1", "fedavg-seed1"]
+    assert runner.resumed == (["feddst-seed1", "feddst-seed1"] if checkpoint else [])
+    assert all((results / f"{s}-seed{k}" / "done").exists() for s in ("feddst", "fedavg") for k in (0, 1))
 
 
 def test_progress_lines_from_metrics_records(tmp_path):
