@@ -206,8 +206,20 @@ def stop_superlink(home: Path) -> None:
         for child in map(int, children.stdout.split()):
             _terminate(child, group=True)  # superexec leads the group of the simulation's processes
         _terminate(pid)
-    if found.stdout.split():
-        time.sleep(2)
+    _wait_gone([int(pid) for pid in found.stdout.split()])
+
+
+def _wait_gone(pids: list[int], timeout: float = 60.0) -> None:
+    """Wait until the processes have exited (a SuperLink takes up to a minute to shut down and
+    free its port); SIGKILL those still there after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while (alive := [pid for pid in pids if Path(f"/proc/{pid}").exists()]) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _terminate(pid: int, group: bool = False) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +266,12 @@ def test_progress_lines_from_metrics_records(tmp_path):
     path.write_text(json.dumps({"round": 16, "cum-upload-bytes": 0}) + "\n")  # shorter: cut back
     records, _ = sim.new_records(path, offset)
     assert sim.progress(records[0], 60, elapsed=32.0) == "  round 16/60 | acc - | cum upload 0.00 MiB | ETA 88 s"
+
+
+def test_wait_gone_kills_a_process_that_outlives_its_timeout():
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 30"])  # ignored signals survive exec
+    time.sleep(0.2)  # the trap is set
+    os.kill(stubborn.pid, signal.SIGTERM)
+    sim._wait_gone([stubborn.pid], timeout=1.0)
+    assert stubborn.wait(timeout=5) == -signal.SIGKILL
+    sim._wait_gone([stubborn.pid], timeout=1.0)  # reaped, gone: returns at once
