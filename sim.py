@@ -158,14 +158,14 @@ def flwr_run(config: dict, num_supernodes: int, home: Path) -> None:
         "--stream",
     ]
     metrics = Path(config["results-dir"]) / config["run-name"] / "metrics.jsonl"
-    started, offset = time.time(), 0
+    offset = 0
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         tail = []
         for line in process.stdout:
             tail = (tail + [line])[-40:]
             records, offset = new_records(metrics, offset)
             for record in records:
-                print(progress(record, config["num-server-rounds"], time.time() - started), flush=True)
+                print(progress(record, config["num-server-rounds"]), flush=True)
     if process.returncode:
         raise RuntimeError(f"flwr run failed ({process.returncode}):\n{''.join(tail)}")
 
@@ -184,10 +184,11 @@ def new_records(path: Path, offset: int) -> tuple[list[dict], int]:
     return [json.loads(line) for line in complete.splitlines()], offset + len(complete)
 
 
-def progress(record: dict, total: int, elapsed: float) -> str:
-    """`  round r/R | acc ... | cum upload X MiB | ETA s` from a metrics.jsonl record."""
+def progress(record: dict, total: int) -> str:
+    """`  round r/R | acc ... | cum upload X MiB | ETA s` from a metrics.jsonl record (its
+    `wall-time` counts the run's seconds so far, across resumptions)."""
     done = record["round"]
-    eta = f"{elapsed / done * (total - done):.0f} s" if done else "-"
+    eta = f"{record['wall-time'] / done * (total - done):.0f} s" if done else "-"
     accuracy = (
         f"acc {record['test-accuracy']:.4f} (client mean {record['client-mean-accuracy']:.4f}) loss {record['test-loss']:.4f}"
         if "test-accuracy" in record

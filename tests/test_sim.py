@@ -257,15 +257,15 @@ def test_progress_lines_from_metrics_records(tmp_path):
     """Only complete records are read, each once; a file cut back (resume) is read again."""
     path = tmp_path / "metrics.jsonl"
     evaluated = {"round": 15, "test-accuracy": 0.7306, "client-mean-accuracy": 0.73, "test-loss": 0.8669,
-                 "cum-upload-bytes": int(18.04 * 2**20)}  # fmt: skip
+                 "cum-upload-bytes": int(18.04 * 2**20), "wall-time": 30.0}  # fmt: skip
     path.write_text(json.dumps(evaluated) + "\n" + '{"round": 16, "cum-up')  # the second is half written
     records, offset = sim.new_records(path, 0)
     assert records == [evaluated] and sim.new_records(path, offset) == ([], offset)
-    text = sim.progress(records[0], 60, elapsed=30.0)
+    text = sim.progress(records[0], 60)
     assert text == "  round 15/60 | acc 0.7306 (client mean 0.7300) loss 0.8669 | cum upload 18.04 MiB | ETA 90 s"
-    path.write_text(json.dumps({"round": 16, "cum-upload-bytes": 0}) + "\n")  # shorter: cut back
+    path.write_text(json.dumps({"round": 16, "cum-upload-bytes": 0, "wall-time": 32.0}) + "\n")  # cut back
     records, _ = sim.new_records(path, offset)
-    assert sim.progress(records[0], 60, elapsed=32.0) == "  round 16/60 | acc - | cum upload 0.00 MiB | ETA 88 s"
+    assert sim.progress(records[0], 60) == "  round 16/60 | acc - | cum upload 0.00 MiB | ETA 88 s"
 
 
 def test_wait_gone_kills_a_process_that_outlives_its_timeout():
