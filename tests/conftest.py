@@ -3,6 +3,7 @@ DigitsCNN, and the process identity Flower needs to build instruction messages."
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,25 @@ from feddst_flwr.masks import Masks, layer_counts, maskable_names, random_masks
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # client_app.py / server_app.py live at the repo root
     sys.path.insert(0, str(ROOT))
+
+
+def free_ports(start: int, count: int) -> int:
+    """The first port from `start` (in steps of `count`) that begins `count` consecutive free
+    ports on 127.0.0.1: a SuperLink left over from an interrupted run, or another test session,
+    must not answer in our test's stead."""
+    for base in range(start, start + 100 * count, count):
+        if all(_bindable(port) for port in range(base, base + count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 from {start}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 from cryptography import x509
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +21,8 @@ sys.path.insert(0, str(ROOT / "deploy"))
 import local  # noqa: E402
 from certs import create_certificates, create_node_key  # noqa: E402
 
-PORT = 39600  # SuperLink; SuperNodes on 39601, 39602
 NODES = 2
+PORT = free_ports(39600, NODES + 2)  # SuperLink; SuperNodes (and the intruder) on the next ports
 RUN_CONFIG = {
     "num-server-rounds": 2, "clients-per-round": NODES, "delta-r": 1, "r-end": 2, "alpha": 0.2,
     "local-epochs": 1, "classes-per-client": 5, "run-name": "deployed",

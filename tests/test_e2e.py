@@ -16,6 +16,7 @@ import pytest
 import tomli_w
 import tomllib
 import torch
+from conftest import free_ports
 
 import sim
 from feddst_flwr.codec import DEFAULT_VALUE_DTYPE, VALUE_DTYPES
@@ -26,7 +27,7 @@ from feddst_flwr.models import DigitsCNN
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 NODES = 5
-PORT = "39191"  # away from a developer's own local SuperLink (39091)
+PORT = str(free_ports(39191, 3))  # away from a developer's own local SuperLink (39091)
 FEDDST = {"num-server-rounds": 5, "delta-r": 2, "r-end": 5, "alpha": 0.2}
 
 pytestmark = pytest.mark.slow  # every test here runs `flwr run` (a SuperLink and Ray)

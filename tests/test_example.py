@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 import sim
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "custom-app"
-PORT = 39391  # away from test_e2e's SuperLink and a developer's own (39091)
+PORT = free_ports(39391, 3)  # away from test_e2e's SuperLink and a developer's own (39091)
 ROUND = re.compile(r"custom-app round (\d+): test accuracy ([\d.]+), density ([\d.]+)")
 
 pytestmark = pytest.mark.slow
