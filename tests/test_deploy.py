@@ -129,5 +129,6 @@ def test_feddst_on_superlink_and_supernodes_with_tls(deployment, tmp_path):
     ours = records[-1]["cum-upload-bytes"] + records[-1]["cum-download-bytes"]
     superlink = run["network-traffic"]["total-bytes"]
     # the SuperLink counts whole Fleet API requests and responses: our payload plus message
-    # metadata, config and metric records, protobuf framing and the node's polling
-    assert ours <= superlink <= 1.10 * ours, (ours, run["network-traffic"])
+    # metadata, config and metric records, protobuf framing and the node's polling, about 60 kB
+    # in this run whatever the payload (59 kB over 1.09 MB in float32, 60 kB over 0.54 MB in float16)
+    assert ours <= superlink <= ours + 100_000, (ours, run["network-traffic"])
