@@ -62,8 +62,8 @@ class Experiment:
         if unknown:
             raise ValueError(f"{path}: [strategy.X] sections for strategies not in the list: {sorted(unknown)}")
         for name, section in spec.get("strategy", {}).items():
-            seeds = section.get("seeds", [0])
-            if not (isinstance(seeds, list) and seeds and all(type(seed) is int for seed in seeds)):
+            seeds = section.get("seeds")
+            if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
                 raise ValueError(f"{path}: [strategy.{name}] seeds = {seeds!r}: expected a non-empty list of ints")
         return cls(
             path.stem, tomllib.loads(preset.read_text()), list(spec["strategies"]), list(spec["seeds"]),
