@@ -61,10 +61,10 @@ class Experiment:
         unknown = set(spec.get("strategy", {})) - set(spec["strategies"])
         if unknown:
             raise ValueError(f"{path}: [strategy.X] sections for strategies not in the list: {sorted(unknown)}")
+        _check_seeds(path, "seeds", spec["seeds"])
         for name, section in spec.get("strategy", {}).items():
-            seeds = section.get("seeds")
-            if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
-                raise ValueError(f"{path}: [strategy.{name}] seeds = {seeds!r}: expected a non-empty list of ints")
+            if "seeds" in section:
+                _check_seeds(path, f"[strategy.{name}] seeds", section["seeds"])
         return cls(
             path.stem, tomllib.loads(preset.read_text()), list(spec["strategies"]), list(spec["seeds"]),
             int(spec["num-supernodes"]), spec.get("run-config", {}), spec.get("strategy", {}), spec.get("caption", ""),
@@ -92,6 +92,11 @@ class Experiment:
             if config.get(key):
                 config[key] = str((ROOT / config[key]).resolve())
         return config
+
+
+def _check_seeds(path: Path, where: str, seeds: object) -> None:
+    if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
+        raise ValueError(f"{path}: {where} = {seeds!r}: expected a non-empty list of ints")
 
 
 Runner = Callable[[dict, int, Path], None]  # (run config, num supernodes, FLWR_HOME)

@@ -176,6 +176,8 @@ def test_seed_table_and_mask_movement_plot(tmp_path):
          "seeds = 1: expected a non-empty list of ints"),
         ('preset = "digits"\nstrategies = ["feddst"]\nseeds = [0]\nnum-supernodes = 5\n[strategy.feddst]\nseeds = []\n',
          "expected a non-empty list"),
+        ('preset = "digits"\nstrategies = ["feddst"]\nseeds = ["0"]\nnum-supernodes = 5\n',
+         "bad.toml: seeds = \\['0'\\]: expected a non-empty list of ints"),
     ],
 )  # fmt: skip
 def test_bad_experiment_files_are_named(tmp_path, text, problem):
