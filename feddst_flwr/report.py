@@ -51,15 +51,11 @@ def value_at_cap(run: Run, cap: float, metric: str = METRIC) -> float:
     return float(np.interp(cap, upload, value))  # np.interp holds the last value past the end
 
 
-def mean_at_cap(runs: list[Run], cap: float, metric: str = METRIC) -> float:
-    """Mean over seeds of value_at_cap."""
-    return float(np.mean([value_at_cap(run, cap, metric) for run in runs]))
-
-
 def _cell(runs: list[Run], cap: float, metric: str) -> str:
-    """Table cell: mean at the cap, starred when a seed ended below the cap (its final value)."""
+    """Table cell: mean (+- std over seeds) at the cap, starred when a seed ended below the cap
+    (its final value)."""
     star = "*" if any(run.total_upload < cap for run in runs) else ""
-    return _fmt(mean_at_cap(runs, cap, metric)) + star
+    return _spread([value_at_cap(run, cap, metric) for run in runs]) + star
 
 
 def caps(runs: dict[str, list[Run]], reference: str = "feddst") -> dict[str, float]:
@@ -83,7 +79,7 @@ def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: s
         final = [run.records[-1] for run in seeds]
         at_caps = " | ".join(_cell(seeds, cap, metric) for cap in limits.values())
         lines.append(
-            f"| {strategy} | {len(seeds)} | {at_caps} | {_fmt(np.mean([_last(run, metric) for run in seeds]))} "
+            f"| {strategy} | {len(seeds)} | {at_caps} | {_spread([_last(run, metric) for run in seeds])} "
             f"| {'/'.join(sorted({str(r['round']) for r in final}))} | {np.mean([r['cum-upload-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['cum-download-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['flops'] for r in final]) / 1e6:.2f} | {np.mean([r['wall-time'] for r in final]):.0f} |"
@@ -98,16 +94,33 @@ def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: s
 
 
 def gap_lines(runs: dict[str, list[Run]], cap: float, metric: str, reference: str = "feddst") -> list[str]:
-    """The paper's claim: FedDST minus FedAvgM at equal upload, and with 2x upload for FedAvgM."""
+    """The claims, each seed paired with the same seed (same partition and initial model): FedDST
+    minus FedAvgM at equal upload and with 2x upload for FedAvgM, and minus the fixed random mask
+    at equal upload."""
     if "fedavgm" not in runs:
         return ["(no fedavgm runs: the paper's FedDST - FedAvgM gap is not reported)"]
-    ours = mean_at_cap(runs[reference], cap, metric)
-    return [
-        f"{reference} - fedavgm at equal upload ({cap / GIB:.3f} GiB): "
-        f"{_fmt(ours - mean_at_cap(runs['fedavgm'], cap, metric), signed=True)}",
-        f"{reference} at {cap / GIB:.3f} GiB - fedavgm at 2x ({2 * cap / GIB:.3f} GiB): "
-        f"{_fmt(ours - mean_at_cap(runs['fedavgm'], 2 * cap, metric), signed=True)}",
+    at = f"{cap / GIB:.3f} GiB"
+    lines = [
+        f"{reference} - fedavgm at equal upload ({at}): {_gap(runs[reference], runs['fedavgm'], cap, cap, metric)}",
+        f"{reference} at {at} - fedavgm at 2x ({2 * cap / GIB:.3f} GiB): "
+        f"{_gap(runs[reference], runs['fedavgm'], cap, 2 * cap, metric)}",
     ]
+    if "randommask" in runs:
+        lines.append(
+            f"{reference} - randommask at equal upload ({at}): {_gap(runs[reference], runs['randommask'], cap, cap, metric)}"
+        )
+    return lines
+
+
+def _gap(ours: list[Run], theirs: list[Run], cap: float, their_cap: float, metric: str) -> str:
+    """Mean +- std over the seeds both have of ours at `cap` minus theirs at `their_cap`."""
+    by_seed = {run.seed: run for run in theirs}
+    pairs = [(run, by_seed[run.seed]) for run in ours if run.seed in by_seed]
+    if not pairs:
+        return "no seed in common"
+    gaps = [value_at_cap(a, cap, metric) - value_at_cap(b, their_cap, metric) for a, b in pairs]
+    seeds = ", ".join(str(a.seed) for a, _ in pairs)
+    return f"{_spread(gaps, signed=True)} (seed{'s' if len(pairs) > 1 else ''} {seeds})"
 
 
 def last_mean(run: Run, metric: str = METRIC, evaluations: int = 10) -> float:
@@ -123,18 +136,18 @@ def seed_table(runs: dict[str, list[Run]], metric: str = METRIC) -> str:
         "|---|---|---|---|---|---|",
     ]
     for strategy, seeds in runs.items():
-        entered = [entered_per_readjust(run) for run in seeds]
-        per_round = "/".join(f"{v:.0f}" for v in np.mean(entered, axis=0)) or "-"
-        movement = (
-            f"{per_round} | {_pm([run.records[-1]['mask-drift'] for run in seeds], 3)}"
-            if "mask-drift" in seeds[0].records[-1]
-            else "- | -"
-        )
+        movement = _movement(seeds) if "mask-drift" in seeds[0].records[-1] else "- | -"
         lines.append(
-            f"| {strategy} | {len(seeds)} | {_pm([_last(run, metric) for run in seeds])} "
-            f"| {_pm([last_mean(run, metric) for run in seeds])} | {movement} |"
+            f"| {strategy} | {len(seeds)} | {_spread([_last(run, metric) for run in seeds])} "
+            f"| {_spread([last_mean(run, metric) for run in seeds])} | {movement} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _movement(seeds: list[Run]) -> str:
+    """Seed-table cells: positions entering per readjust round (mean over seeds) and the final drift."""
+    per_round = "/".join(f"{v:.0f}" for v in np.mean([entered_per_readjust(run) for run in seeds], axis=0)) or "-"
+    return f"{per_round} | {_spread([run.records[-1]['mask-drift'] for run in seeds], digits=3)}"
 
 
 def entered_per_readjust(run: Run) -> list[int]:
@@ -208,10 +221,11 @@ def _last(run: Run, metric: str) -> float:
     return run.curve(metric)[1][-1]
 
 
-def _pm(values: list[float], digits: int = 4) -> str:
-    """mean +- std (population) of values."""
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+def _spread(values: list[float], signed: bool = False, digits: int = 4) -> str:
+    """The mean, and +- the population std when there is more than one value."""
+    mean = _fmt(float(np.mean(values)), signed, digits)
+    return f"{mean} ± {np.std(values):.{digits}f}" if len(values) > 1 else mean
 
 
-def _fmt(value: float, signed: bool = False) -> str:
-    return f"{value:+.4f}" if signed else f"{value:.4f}"
+def _fmt(value: float, signed: bool = False, digits: int = 4) -> str:
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"

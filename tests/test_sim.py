@@ -64,15 +64,33 @@ def test_caps_and_table(experiment_dir):
     assert report.caps(runs) == {"0.5x": 1 * GIB, "1x": 2 * GIB, "2x": 4 * GIB}
     table = report.summary_table(runs)
     feddst = next(line for line in table.splitlines() if line.startswith("| feddst "))
-    # mean over seeds at 1, 2 and 4 GiB (both feddst runs ended at 2: final values, starred), final,
-    # rounds, upload/download GiB, MFLOPs, wall
-    assert feddst == "| feddst | 2 | 0.5500 | 0.7500 | 0.7500* | 0.7500 | 2 | 2.000 | 4.000 | 3.00 | 20 |"
+    # mean +- std over seeds at 1, 2 and 4 GiB (both feddst runs ended at 2: final values, starred),
+    # final, rounds, upload/download GiB, MFLOPs, wall
+    assert feddst == (
+        "| feddst | 2 | 0.5500 ± 0.0500 | 0.7500 ± 0.0500 | 0.7500 ± 0.0500* | 0.7500 ± 0.0500 | 2 | 2.000 | 4.000 "
+        "| 3.00 | 20 |"
+    )
     fedavgm = next(line for line in table.splitlines() if line.startswith("| fedavgm "))
     assert fedavgm.startswith("| fedavgm | 1 | 0.2000 | 0.3000 | 0.5000 | 0.9000 | 3 | 6.000 | 12.000 |")
     assert "\\* a run ended below this upload cap" in table
     assert "at 0.5x (1.000 GiB)" in table.splitlines()[0]
-    assert "feddst - fedavgm at equal upload (2.000 GiB): +0.4500" in table
-    assert "feddst at 2.000 GiB - fedavgm at 2x (4.000 GiB): +0.2500" in table
+    # paired by seed: only seed 0 has both (feddst 0.7 at 2 GiB; fedavgm 0.3 at 2 GiB, 0.5 at 4 GiB)
+    assert "feddst - fedavgm at equal upload (2.000 GiB): +0.4000 (seed 0)" in table
+    assert "feddst at 2.000 GiB - fedavgm at 2x (4.000 GiB): +0.2000 (seed 0)" in table
+    assert "randommask" not in table
+
+
+def test_gaps_pair_seeds_and_give_their_spread(experiment_dir):
+    write_run(experiment_dir, "fedavgm-seed1", records([0, 2, 4], [0.1, 0.2, 0.4]))
+    write_run(experiment_dir, "randommask-seed0", records([0, 1, 1.9], [0.1, 0.4, 0.6]))
+    write_run(experiment_dir, "randommask-seed1", records([0, 1, 1.9], [0.1, 0.4, 0.5]))
+    write_run(experiment_dir, "randommask-seed2", records([0, 1, 1.9], [0.1, 0.0, 0.0]))  # no feddst seed 2
+    lines = report.gap_lines(report.load_runs(experiment_dir), 2 * GIB, "client-mean-accuracy")
+    # equal upload: seed 0: 0.7 - 0.3 = 0.4, seed 1: 0.8 - 0.2 = 0.6; at 2x: 0.7 - 0.5, 0.8 - 0.4
+    assert lines[0] == "feddst - fedavgm at equal upload (2.000 GiB): +0.5000 ± 0.1000 (seeds 0, 1)"
+    assert lines[1] == "feddst at 2.000 GiB - fedavgm at 2x (4.000 GiB): +0.3000 ± 0.1000 (seeds 0, 1)"
+    # randommask ended at 1.9 GiB: its final value; seed 2 has no feddst run and is left out
+    assert lines[2] == "feddst - randommask at equal upload (2.000 GiB): +0.2000 ± 0.1000 (seeds 0, 1)"
 
 
 def test_report_needs_feddst_runs(tmp_path):
@@ -156,7 +174,7 @@ def test_seed_table_and_mask_movement_plot(tmp_path):
     table = report.seed_table(runs)
     # final: 0.6 and 0.8; last 10 (all 4): 0.325 and 0.475; entered per readjust round (10+20)/2, (4+6)/2
     assert "| feddst | 2 | 0.7000 ± 0.1000 | 0.4000 ± 0.0750 | 15/5 | 0.300 ± 0.100 |" in table
-    assert "| fedavg | 1 | 0.5000 ± 0.0000 | 0.3000 ± 0.0000 | - | - |" in table
+    assert "| fedavg | 1 | 0.5000 | 0.3000 | - | - |" in table  # one seed: no spread
     assert report.plot_mask_movement(runs, tmp_path / "mask.png")
     assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
     assert not report.plot_mask_movement({"fedavg": runs["fedavg"]}, tmp_path / "none.png")
