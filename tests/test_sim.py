@@ -93,6 +93,15 @@ def test_gaps_pair_seeds_and_give_their_spread(experiment_dir):
     assert lines[2] == "feddst - randommask at equal upload (2.000 GiB): +0.2000 ± 0.1000 (seeds 0, 1)"
 
 
+def test_randommask_gap_is_given_without_fedavgm_runs(tmp_path):
+    write_run(tmp_path, "feddst-seed0", records([0, 1, 2], [0.1, 0.5, 0.7]))
+    write_run(tmp_path, "randommask-seed0", records([0, 1, 2], [0.1, 0.5, 0.6]))
+    assert report.gap_lines(report.load_runs(tmp_path), 2 * GIB, "client-mean-accuracy") == [
+        "(no fedavgm runs: the paper's FedDST - FedAvgM gap is not reported)",
+        "feddst - randommask at equal upload (2.000 GiB): +0.1000 (seed 0)",
+    ]
+
+
 def test_report_needs_feddst_runs(tmp_path):
     write_run(tmp_path, "fedavg-seed0", records([0, 1], [0.1, 0.2]))
     with pytest.raises(ValueError, match="needs finished 'feddst' runs"):
