@@ -8,8 +8,9 @@ loop trains the same clients (same partitions, model, masks, epochs and batch si
 times are the differences of the server's `wall-time` (simulation) or of a timer (bare loop);
 "steady" is every round after the first two, the last round (it evaluates) excluded.
 
-    python bench/round_time.py [--rounds 12] [--supernodes 400] [--device cpu] [--threads N]
+    python bench/round_time.py [--rounds 12] [--supernodes 400] [--device cpu] [--threads N] [--bare-only]
 
+`--bare-only` times the bare loop alone (a GPU machine without Ray: bench/device_check.sh).
 Run it alone: on 2 cores anything beside it changes both figures.
 """
 
@@ -96,31 +97,39 @@ def bare_round_times(config: dict, supernodes: int) -> list[float]:
     return times
 
 
+def table_row(device: str, simulated: tuple[float, float] | None, bare: tuple[float, float]) -> str:
+    """One device's row of (median, min) seconds; the simulation's cells are '-' without one."""
+    sim_cells = "- | -" if simulated is None else f"{simulated[0]:.2f} | {simulated[1]:.2f}"
+    ratio = "-" if simulated is None else f"{simulated[0] / bare[0]:.2f}"
+    return f"| {device} | {sim_cells} | {bare[0]:.2f} | {bare[1]:.2f} | {ratio} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--supernodes", type=int, default=400)
     parser.add_argument("--device", choices=["cpu", "cuda"], action="append", help="default: cpu, and cuda if present")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the bare loop (0: torch's default)")
+    parser.add_argument("--bare-only", action="store_true", help="time the bare loop alone (no Ray simulation)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.device or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-    rows = []
-    for device in devices:
-        with tempfile.TemporaryDirectory(prefix="feddst-round-time-") as folder:
-            config = bench_config(args.rounds, device, Path(folder) / "results")
-            simulated = steady(simulation_round_times(config, args.supernodes, Path(folder) / "flwr-home"))
-            bare = steady(bare_round_times(config, args.supernodes))
-        rows.append(
-            f"| {device} | {simulated[0]:.2f} | {simulated[1]:.2f} | {bare[0]:.2f} | {bare[1]:.2f} | {simulated[0] / bare[0]:.2f} |"
-        )
     print(
-        f"\nMNIST paper preset, {args.supernodes} supernodes, {args.rounds} rounds; bare loop with {torch.get_num_threads()} torch threads"
+        f"MNIST paper preset, {args.supernodes} supernodes, {args.rounds} rounds; bare loop with {torch.get_num_threads()} torch threads"
     )
     print("| device | simulation median s | min s | bare loop median s | min s | ratio (median) |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print("|---|---|---|---|---|---|", flush=True)
+    for device in devices:  # each row as soon as it is measured
+        with tempfile.TemporaryDirectory(prefix="feddst-round-time-") as folder:
+            config = bench_config(args.rounds, device, Path(folder) / "results")
+            simulated = (
+                None
+                if args.bare_only
+                else steady(simulation_round_times(config, args.supernodes, Path(folder) / "flwr-home"))
+            )
+            bare = steady(bare_round_times(config, args.supernodes))
+        print(table_row(device, simulated, bare), flush=True)
 
 
 if __name__ == "__main__":
