@@ -67,8 +67,8 @@ def caps(runs: dict[str, list[Run]], reference: str = "feddst") -> dict[str, flo
 
 
 def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: str = "feddst") -> str:
-    """Markdown table: metric at the caps, final metric, traffic, FLOPs and wall time,
-    means over seeds; then the paper's claimed gap against FedAvgM."""
+    """Markdown table: metric at the caps and final metric (mean +- std over seeds), traffic,
+    FLOPs and wall time (means); then the claims' gaps (gap_lines)."""
     limits = caps(runs, reference)
     header = (
         f"| strategy | seeds | {' | '.join(f'{metric} at {k} ({v / GIB:.3f} GiB)' for k, v in limits.items())} "
