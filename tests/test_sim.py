@@ -87,10 +87,24 @@ def test_gaps_pair_seeds_and_give_their_spread(experiment_dir):
     write_run(experiment_dir, "randommask-seed2", records([0, 1, 1.9], [0.1, 0.0, 0.0]))  # no feddst seed 2
     lines = report.gap_lines(report.load_runs(experiment_dir), 2 * GIB, "client-mean-accuracy")
     # equal upload: seed 0: 0.7 - 0.3 = 0.4, seed 1: 0.8 - 0.2 = 0.6; at 2x: 0.7 - 0.5, 0.8 - 0.4
-    assert lines[0] == "feddst - fedavgm at equal upload (2.000 GiB): +0.5000 ± 0.1000 (seeds 0, 1)"
-    assert lines[1] == "feddst at 2.000 GiB - fedavgm at 2x (4.000 GiB): +0.3000 ± 0.1000 (seeds 0, 1)"
+    # over feddst's last 10 evaluations (here all three, at 0, 1 and 2 GiB):
+    # seed 0: fedavgm 0.1, 0.2, 0.3 there: gaps 0, 0.3, 0.4; seed 1: fedavgm 0.1, 0.15, 0.2: 0, 0.45, 0.6
+    last = "over feddst's last 10 evaluations:"
+    assert (
+        lines[0]
+        == f"feddst - fedavgm at equal upload (2.000 GiB): +0.5000 ± 0.1000 (seeds 0, 1); {last} +0.2917 ± 0.0583"
+    )
+    # at 2x: seed 0: fedavgm at 0, 2, 4 GiB: 0.1, 0.3, 0.5: gaps 0, 0.2, 0.2; seed 1: 0.1, 0.2, 0.4: 0, 0.4, 0.4
+    assert (
+        lines[1]
+        == f"feddst at 2.000 GiB - fedavgm at 2x (4.000 GiB): +0.3000 ± 0.1000 (seeds 0, 1); {last} +0.2000 ± 0.0667"
+    )
     # randommask ended at 1.9 GiB: its final value; seed 2 has no feddst run and is left out
-    assert lines[2] == "feddst - randommask at equal upload (2.000 GiB): +0.2000 ± 0.1000 (seeds 0, 1)"
+    # last 10: seed 0: randommask 0.1, 0.4, 0.6: 0, 0.1, 0.1; seed 1: 0.1, 0.4, 0.5: 0, 0.2, 0.3
+    assert (
+        lines[2]
+        == f"feddst - randommask at equal upload (2.000 GiB): +0.2000 ± 0.1000 (seeds 0, 1); {last} +0.1167 ± 0.0500"
+    )
 
 
 def test_randommask_gap_is_given_without_fedavgm_runs(tmp_path):
@@ -98,7 +112,7 @@ def test_randommask_gap_is_given_without_fedavgm_runs(tmp_path):
     write_run(tmp_path, "randommask-seed0", records([0, 1, 2], [0.1, 0.5, 0.6]))
     assert report.gap_lines(report.load_runs(tmp_path), 2 * GIB, "client-mean-accuracy") == [
         "(no fedavgm runs: the paper's FedDST - FedAvgM gap is not reported)",
-        "feddst - randommask at equal upload (2.000 GiB): +0.1000 (seed 0)",
+        "feddst - randommask at equal upload (2.000 GiB): +0.1000 (seed 0); over feddst's last 10 evaluations: +0.0333",
     ]
 
 
