@@ -243,14 +243,13 @@ def write_report(results: Path, caption: str = "", reference: str = "feddst") ->
     """REPORT.md (title, caption, plot, table) and curves.png in the experiment's results
     folder; returns the table."""
     runs = report.load_runs(results)
-    table = f"{report.summary_table(runs, reference=reference)}\nOver seeds (mean ± std):\n\n{report.seed_table(runs)}"
+    table = report.summary_table(runs, reference=reference)
+    if movement := report.movement_table(runs):
+        table += f"\nMask movement:\n\n{movement}"
     caption = f"{caption.strip()}\n\n" if caption.strip() else ""
-    movement = (
-        "\n![mask movement](mask-movement.png)\n"
-        if report.plot_mask_movement(runs, results / "mask-movement.png")
-        else ""
-    )
-    (results / "REPORT.md").write_text(f"# {results.name}\n\n{caption}![curves](curves.png)\n\n{table}{movement}")
+    plotted = report.plot_mask_movement(runs, results / "mask-movement.png")
+    movement_plot = "\n![mask movement](mask-movement.png)\n" if plotted else ""
+    (results / "REPORT.md").write_text(f"# {results.name}\n\n{caption}![curves](curves.png)\n\n{table}{movement_plot}")
     report.plot(runs, results / "curves.png")
     return table
 

@@ -67,12 +67,12 @@ def caps(runs: dict[str, list[Run]], reference: str = "feddst") -> dict[str, flo
 
 
 def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: str = "feddst") -> str:
-    """Markdown table: metric at the caps and final metric (mean +- std over seeds), traffic,
-    FLOPs and wall time (means); then the claims' gaps (gap_lines)."""
+    """Markdown table: metric at the caps, final and averaged over the last 10 evaluations (mean
+    +- std over seeds), traffic, FLOPs and wall time (means); then the claims' gaps (gap_lines)."""
     limits = caps(runs, reference)
     header = (
         f"| strategy | seeds | {' | '.join(f'{metric} at {k} ({v / GIB:.3f} GiB)' for k, v in limits.items())} "
-        "| final | rounds | upload GiB | download GiB | forward MFLOPs | wall s |"
+        "| final | last-10 mean | rounds | upload GiB | download GiB | forward MFLOPs | wall s |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for strategy, seeds in runs.items():
@@ -80,7 +80,7 @@ def summary_table(runs: dict[str, list[Run]], metric: str = METRIC, reference: s
         at_caps = " | ".join(_cell(seeds, cap, metric) for cap in limits.values())
         lines.append(
             f"| {strategy} | {len(seeds)} | {at_caps} | {_spread([_last(run, metric) for run in seeds])} "
-            f"| {'/'.join(sorted({str(r['round']) for r in final}))} | {np.mean([r['cum-upload-bytes'] for r in final]) / GIB:.3f} "
+            f"| {_spread([last_mean(run, metric) for run in seeds])} | {'/'.join(sorted({str(r['round']) for r in final}))} | {np.mean([r['cum-upload-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['cum-download-bytes'] for r in final]) / GIB:.3f} "
             f"| {np.mean([r['flops'] for r in final]) / 1e6:.2f} | {np.mean([r['wall-time'] for r in final]):.0f} |"
         )
@@ -146,20 +146,16 @@ def last_mean(run: Run, metric: str = METRIC, evaluations: int = 10) -> float:
     return float(np.mean(run.curve(metric)[1][-evaluations:]))
 
 
-def seed_table(runs: dict[str, list[Run]], metric: str = METRIC) -> str:
-    """Markdown table over seeds (mean +- std, population std): the metric at the final
-    round and averaged over the last 10 evaluations, and the mask's movement."""
+def movement_table(runs: dict[str, list[Run]]) -> str:
+    """Markdown table of the mask's movement, for strategies whose runs count it: positions
+    entering per readjust round (mean over seeds) and the final drift (mean +- std); "" if none."""
     lines = [
-        f"| strategy | seeds | final {metric} | mean of last 10 evaluations | entered per readjust round | drift at the end |",
-        "|---|---|---|---|---|---|",
+        f"| {strategy} | {len(seeds)} | {_movement(seeds)} |"
+        for strategy, seeds in runs.items()
+        if "mask-drift" in seeds[0].records[-1]
     ]
-    for strategy, seeds in runs.items():
-        movement = _movement(seeds) if "mask-drift" in seeds[0].records[-1] else "- | -"
-        lines.append(
-            f"| {strategy} | {len(seeds)} | {_spread([_last(run, metric) for run in seeds])} "
-            f"| {_spread([last_mean(run, metric) for run in seeds])} | {movement} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["| strategy | seeds | entered per readjust round | drift at the end |", "|---|---|---|---|"]
+    return "\n".join(header + lines) + "\n" if lines else ""
 
 
 def _movement(seeds: list[Run]) -> str:

@@ -65,13 +65,13 @@ def test_caps_and_table(experiment_dir):
     table = report.summary_table(runs)
     feddst = next(line for line in table.splitlines() if line.startswith("| feddst "))
     # mean +- std over seeds at 1, 2 and 4 GiB (both feddst runs ended at 2: final values, starred),
-    # final, rounds, upload/download GiB, MFLOPs, wall
+    # final, last-10 mean (all three: 0.433 and 0.5), rounds, upload/download GiB, MFLOPs, wall
     assert feddst == (
-        "| feddst | 2 | 0.5500 ± 0.0500 | 0.7500 ± 0.0500 | 0.7500 ± 0.0500* | 0.7500 ± 0.0500 | 2 | 2.000 | 4.000 "
-        "| 3.00 | 20 |"
+        "| feddst | 2 | 0.5500 ± 0.0500 | 0.7500 ± 0.0500 | 0.7500 ± 0.0500* | 0.7500 ± 0.0500 | 0.4667 ± 0.0333 "
+        "| 2 | 2.000 | 4.000 | 3.00 | 20 |"
     )
     fedavgm = next(line for line in table.splitlines() if line.startswith("| fedavgm "))
-    assert fedavgm.startswith("| fedavgm | 1 | 0.2000 | 0.3000 | 0.5000 | 0.9000 | 3 | 6.000 | 12.000 |")
+    assert fedavgm.startswith("| fedavgm | 1 | 0.2000 | 0.3000 | 0.5000 | 0.9000 | 0.5000 | 3 | 6.000 | 12.000 |")
     assert "\\* a run ended below this upload cap" in table
     assert "at 0.5x (1.000 GiB)" in table.splitlines()[0]
     # paired by seed: only seed 0 has both (feddst 0.7 at 2 GiB; fedavgm 0.3 at 2 GiB, 0.5 at 4 GiB)
@@ -188,22 +188,23 @@ def moving_records(accuracies: list[float], entered: list[int], drift: list[floa
     return recs
 
 
-def test_seed_table_and_mask_movement_plot(tmp_path):
+def test_movement_table_and_plot(tmp_path):
     write_run(tmp_path, "feddst-seed0", moving_records([0.1, 0.2, 0.4, 0.6], [0, 10, 4, 0], [0, 0.1, 0.2, 0.2]))
     write_run(tmp_path, "feddst-seed1", moving_records([0.1, 0.4, 0.6, 0.8], [0, 20, 6, 0], [0, 0.2, 0.3, 0.4]))
     write_run(tmp_path, "fedavg-seed0", records([0, 1, 2], [0.1, 0.3, 0.5]))
     runs = report.load_runs(tmp_path)
     assert report.last_mean(runs["feddst"][0], evaluations=2) == pytest.approx(0.5)
-    table = report.seed_table(runs)
-    # final: 0.6 and 0.8; last 10 (all 4): 0.325 and 0.475; entered per readjust round (10+20)/2, (4+6)/2
-    assert "| feddst | 2 | 0.7000 ± 0.1000 | 0.4000 ± 0.0750 | 15/5 | 0.300 ± 0.100 |" in table
-    assert "| fedavg | 1 | 0.5000 | 0.3000 | - | - |" in table  # one seed: no spread
+    table = report.movement_table(runs)
+    # entered per readjust round (10+20)/2, (4+6)/2; final drift 0.2 and 0.4; fedavg counts no mask
+    assert table.splitlines()[2:] == ["| feddst | 2 | 15/5 | 0.300 ± 0.100 |"]
+    assert report.movement_table({"fedavg": runs["fedavg"]}) == ""
     assert report.plot_mask_movement(runs, tmp_path / "mask.png")
     assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
     assert not report.plot_mask_movement({"fedavg": runs["fedavg"]}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
     sim.write_report(tmp_path)
-    assert "![mask movement](mask-movement.png)" in (tmp_path / "REPORT.md").read_text()
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "Mask movement:" in text and "![mask movement](mask-movement.png)" in text
 
 
 @pytest.mark.parametrize(
