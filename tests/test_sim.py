@@ -325,5 +325,6 @@ def test_wait_gone_kills_a_process_that_outlives_its_timeout():
 def test_committed_experiment_files_load(path, tmp_path):
     """Every experiment in experiments/ loads and gives a run config for each of its runs."""
     experiment = sim.Experiment.load(path)
-    configs = [experiment.config(strategy, seed, tmp_path) for strategy, seed in experiment.runs()]
-    assert configs and all(config["run-name"] == f"{s}-seed{k}" for config, (s, k) in zip(configs, experiment.runs()))
+    runs = experiment.runs()
+    configs = [experiment.config(strategy, seed, tmp_path) for strategy, seed in runs]
+    assert configs and all(config["run-name"] == f"{s}-seed{k}" for config, (s, k) in zip(configs, runs))
