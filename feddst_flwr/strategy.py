@@ -395,7 +395,7 @@ class FedDST(ReplyGuard):
         state, masks, votes = aggregate(updates, self.counts, generator, self.min_votes)
         masks = self.reconfigure(updates, masks, generator)
         apply_masks(state, masks)
-        state = self.server_optimizer.step(self.global_state, state, masks)
+        state = self.server_optimizer.step(self.global_state, state, masks, self.masks)
         self.record_movement(masks, votes, len(updates))
         self.masks = masks
         return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)

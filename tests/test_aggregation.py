@@ -21,6 +21,8 @@ Bias over all clients: A [1, 0], B [0, 2], C [2, 1] ->
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -198,38 +200,63 @@ def test_reprune_breaks_equal_votes_by_seed():
 
 
 def optimizer_case():
-    """Previous global (w kept at positions 0 and 1 of 3) and a re-pruned aggregate keeping 1 and 2."""
+    """Previous global (w kept at positions 0 and 1 of 3) and a re-pruned aggregate keeping 1
+    and 2: position 0 leaves, 1 stays, 2 enters."""
     old = {"w": torch.tensor([1.0, 2.0, 0.0]), "b": torch.tensor([0.5])}
-    new = {"w": torch.tensor([0.0, 3.0, 4.0]), "b": torch.tensor([1.5])}
-    return old, new, {"w": torch.tensor([False, True, True])}
+    new = {"w": torch.tensor([0.0, 3.0, 0.03]), "b": torch.tensor([1.5])}
+    return old, new, {"w": torch.tensor([False, True, True])}, {"w": torch.tensor([True, True, False])}
 
 
 def test_server_optimizer_none_takes_the_aggregate():
-    old, new, masks = optimizer_case()
-    assert ServerOptimizer("none", 1.0, 0.9).step(old, new, masks) is new
+    old, new, masks, old_masks = optimizer_case()
+    assert ServerOptimizer("none", 1.0, 0.9).step(old, new, masks, old_masks) is new
 
 
 def test_server_optimizer_momentum_by_hand():
-    old, new, masks = optimizer_case()
+    old, new, masks, old_masks = optimizer_case()
     opt = ServerOptimizer("momentum", lr=0.5, beta1=0.9)
-    first = opt.step(old, new, masks)  # v = delta = (-1, 1, 4) for w, (1) for b; theta = old + 0.5 v
-    assert torch.equal(first["w"], torch.tensor([0.0, 2.5, 2.0]))  # position 0 pruned: exactly 0
+    first = opt.step(old, new, masks, old_masks)  # v = delta = (-1, 1, .) for w, (1) for b; theta = old + 0.5 v
+    assert torch.equal(first["w"], torch.tensor([0.0, 2.5, 0.03]))  # 0 left: exactly 0; 2 entered: its aggregate
     assert torch.equal(first["b"], torch.tensor([1.0]))
-    assert torch.equal(opt.m["w"], torch.tensor([0.0, 1.0, 4.0]))  # pruned momentum is dropped
-    second = opt.step(first, new, masks)  # v = 0.9 v + (new - first) = (0, 0.9 + 0.5, 3.6 + 2)
-    assert torch.allclose(second["w"], torch.tensor([0.0, 2.5 + 0.5 * 1.4, 2.0 + 0.5 * 5.6]))
+    assert torch.equal(opt.m["w"], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))  # left and entered: 0
+    second = opt.step(first, new, masks, masks)  # nothing enters: v = 0.9 v + (new - first)
+    expected = torch.tensor([0.0, 2.5 + 0.5 * (0.9 + 0.5), 0.03 + 0.5 * (0.03 - 0.03)])
+    assert torch.equal(second["w"], expected)
 
 
 def test_server_optimizer_adam_by_hand():
-    old, new, masks = optimizer_case()
+    old, new, masks, old_masks = optimizer_case()
     opt = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
-    state = opt.step(old, new, masks)
-    delta = torch.tensor([-1.0, 1.0, 4.0])
-    m, v = 0.1 * delta, 0.01 * delta**2  # (1 - beta1) delta, (1 - beta2) delta^2
-    expected = old["w"] + 0.1 * m / (v.sqrt() + 1e-3)
-    assert torch.allclose(state["w"], expected * masks["w"]) and state["w"][0] == 0
-    assert torch.equal(opt.v["w"][0], torch.tensor(0.0))
+    state = opt.step(old, new, masks, old_masks)
+    m, v = (1 - 0.9) * 1.0, (1 - 0.99) * 1.0**2  # position 1: (1 - beta1) delta, (1 - beta2) delta^2, delta = 1
+    assert state["w"][1] == torch.tensor(2.0 + 0.1 * m / (math.sqrt(v) + 1e-3), dtype=torch.float64).float()
+    assert state["w"][0] == 0 and state["w"][2] == torch.tensor(0.03)  # left: 0; entered: its aggregate exactly
+    assert torch.equal(opt.m["w"], torch.tensor([0.0, m, 0.0], dtype=torch.float64))
+    assert torch.equal(opt.v["w"], torch.tensor([0.0, v, 0.0], dtype=torch.float64))
     assert torch.allclose(state["b"], torch.tensor([0.5 + 0.1 * 0.1 / (0.1 + 1e-3)]))
+
+
+def test_server_optimizer_entered_weight_then_steps_from_its_aggregate():
+    """RigL's rule: a new connection keeps its value; its moments start at zero, so its first
+    step afterwards is Adam's first step (lr * sign of its delta, up to tau)."""
+    old, new, masks, old_masks = optimizer_case()
+    opt = ServerOptimizer("adam", lr=0.01, beta1=0.9, beta2=0.99, tau=1e-3)
+    first = opt.step(old, new, masks, old_masks)
+    target = {"w": torch.tensor([0.0, 3.0, 0.05]), "b": torch.tensor([1.5])}
+    second = opt.step(first, target, masks, masks)
+    delta = 0.05 - float(first["w"][2])
+    expected = float(first["w"][2]) + 0.01 * (0.1 * delta) / ((0.01 * delta**2) ** 0.5 + 1e-3)
+    assert float(second["w"][2]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_server_optimizer_moments_stay_finite_on_float32_extremes():
+    """A float32-finite reply of 3e38 must not overflow Adam's second moment (float64)."""
+    old = {"w": torch.zeros(3)}
+    new = {"w": torch.full((3,), 3e38)}
+    masks = {"w": torch.ones(3, dtype=torch.bool)}
+    opt = ServerOptimizer("adam", lr=0.01, beta1=0.9)
+    opt.step(old, new, masks, masks)
+    assert torch.isfinite(opt.v["w"]).all() and torch.isfinite(opt.m["w"]).all()
 
 
 def test_unknown_server_optimizer():
