@@ -38,6 +38,9 @@ class RoundStats:
     mask_entered: int = 0  # positions that entered the global mask (a swap counts once)
     mask_entered_units: int = 0  # distinct output units (rows / output channels) they fall in
     mask_drift: float = 0.0  # fraction of the initial mask's positions no longer in the mask
+    mask_explored: float = 0.0  # R_s: fraction of maskable positions ever in the global mask
+    mask_leavers_held: float = 0.0  # share of the positions leaving the mask that some client still kept
+    mask_structure: dict[str, dict[str, float | int]] = field(default_factory=dict)  # readjust rounds: per layer
     mask_votes: list[int] = field(default_factory=list)  # entering positions with 0, 1, 2, ... client votes
     masks_sent: int = 0  # nodes that got the mask (in full or as a delta) in this round's download
     failures: list[str] = field(default_factory=list)  # "node N: reason" per failed, refused or missing reply
@@ -70,15 +73,22 @@ def sparse_average(updates: list[ClientUpdate], min_votes: int = 1) -> tuple[dic
     return state, votes
 
 
+def magnitude_reprune(
+    state: dict[str, torch.Tensor], votes: Votes, counts: dict[str, int], generator: torch.Generator, min_votes: int = 1
+) -> Masks:
+    """The paper's server mask rule: per layer the counts[name] largest |averaged weight|
+    among the positions at least min_votes clients kept; ties go to the larger
+    sample-weighted vote, then to a random key from `generator`."""
+    candidates = {name: clients >= min_votes for name, clients in votes.clients.items()}
+    return magnitude_prune(state, candidates, counts, generator, votes.weight)
+
+
 def aggregate(
     updates: list[ClientUpdate], counts: dict[str, int], generator: torch.Generator, min_votes: int = 1
 ) -> tuple[dict[str, torch.Tensor], Masks, Votes]:
-    """theta^{r+1}, m^{r+1}: sparse average, then per-layer magnitude prune to the counts
-    among the positions with at least min_votes clients; ties go to the larger
-    sample-weighted vote, then to a random key from `generator`. Also returns the votes."""
+    """theta^{r+1}, m^{r+1}: sparse average, then `magnitude_reprune`. Also returns the votes."""
     state, votes = sparse_average(updates, min_votes)
-    candidates = {name: clients >= min_votes for name, clients in votes.clients.items()}
-    masks = magnitude_prune(state, candidates, counts, generator, votes.weight)
+    masks = magnitude_reprune(state, votes, counts, generator, min_votes)
     apply_masks(state, masks)
     return state, masks, votes
 

@@ -9,7 +9,8 @@ from typing import Any
 from .aggregation import SERVER_OPTIMIZERS
 from .codec import VALUE_DTYPES
 from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme, TensorData
-from .masks import DISTRIBUTIONS
+from .mask_rules import MASK_RULES
+from .masks import DISTRIBUTIONS, REGROW
 from .models import MODELS
 from .registry import STRATEGIES
 from .training import DEVICES, READJUST_AT, TrainFn, masked_sgd
@@ -47,7 +48,9 @@ class ExperimentConfig:
     r_end: int
     readjust_at: str
     grow_batches: int
+    regrow: str
     min_votes: int
+    mask_rule: str
     min_fit_fraction: float
     max_num_examples: int
     max_update_norm: float
@@ -129,7 +132,7 @@ class ExperimentConfig:
         """Local training of the node holding partition `partition_id`: our masked SGD."""
         return masked_sgd(
             data, epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay, readjust_at=self.readjust_at, grow_batches=self.grow_batches,
+            weight_decay=self.weight_decay, readjust_at=self.readjust_at, grow_batches=self.grow_batches, regrow=self.regrow,
             seed=self.seed, partition_id=partition_id, device=self.device,
         )  # fmt: skip
 
@@ -158,7 +161,9 @@ class ExperimentConfig:
             (self.r_end >= 0, "r-end", ">= 0 (0: half the rounds)"),
             (self.readjust_at in READJUST_AT, "readjust-at", f"one of {READJUST_AT}"),
             (self.grow_batches >= 1, "grow-batches", ">= 1"),
+            (self.regrow in REGROW, "regrow", f"one of {REGROW}"),
             (self.min_votes >= 1, "min-votes", ">= 1"),
+            (self.mask_rule in MASK_RULES, "mask-rule", f"one of {MASK_RULES}"),
             (0.0 <= self.min_fit_fraction <= 1.0, "min-fit-fraction", "in [0, 1]"),
             (self.max_num_examples >= 1, "max-num-examples", ">= 1"),
             (

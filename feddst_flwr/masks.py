@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -131,18 +133,50 @@ def magnitude_prune(
     return masks
 
 
+REGROW = ("gradient", "random")
+
+
 def prune_and_regrow(
     weights: dict[str, torch.Tensor],
-    grads: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor] | None,
     masks: Masks,
     alpha_r: float,
     generator: torch.Generator,
+    regrow: str = "gradient",
 ) -> Masks:
-    """Client readjustment: per layer, drop round(alpha_r * active) smallest-magnitude
-    active weights, then grow as many positions outside the kept ones with the largest
-    dense-gradient magnitude (a just-dropped weight may come back and keeps its value);
-    ties are broken randomly by `generator`. Dropped weights and newly grown ones are
-    zeroed in place. Dense layers (every position active) are left alone."""
+    """Client readjustment (Algorithm 1, step 4).
+
+    Per layer, drop round(alpha_r * active) smallest-magnitude active weights, then grow as
+    many positions outside the kept ones: those with the largest dense-gradient magnitude
+    (`regrow = "gradient"`, RigL) or uniformly at random (`"random"`, SET). A just-dropped
+    weight may come back and keeps its value; ties are broken randomly by `generator`.
+    Dropped weights and newly grown ones are zeroed in place. Dense layers (every position
+    active) are left alone.
+
+    Parameters
+    ----------
+    weights : dict[str, torch.Tensor]
+        The masked layers' weights, changed in place.
+    grads : dict[str, torch.Tensor] | None
+        Dense gradients of the same layers (unused, and may be None, for random regrowth).
+    masks : Masks
+        The masks to readjust.
+    alpha_r : float
+        This round's readjustment ratio.
+    generator : torch.Generator
+        Seeds tie-breaking and random regrowth.
+    regrow : str
+        "gradient" or "random".
+
+    Returns
+    -------
+    Masks
+        The new masks, each layer with its old count.
+    """
+    if regrow not in REGROW:
+        raise ValueError(f"regrow '{regrow}' not in {REGROW}")
+    if regrow == "gradient" and grads is None:
+        raise ValueError("regrow 'gradient' needs the dense gradients")
     new_masks = {}
     for name, mask in masks.items():
         count = int(torch.count_nonzero(mask))
@@ -151,11 +185,16 @@ def prune_and_regrow(
             new_masks[name] = mask.clone()
             continue
         kept = top_k_mask(torch.where(mask, weights[name].abs().float(), torch.tensor(-1.0)), count - k, generator)
-        grow_scores = torch.where(kept, torch.tensor(-1.0), grads[name].abs().float())
-        new_masks[name] = kept | top_k_mask(grow_scores, k, generator)
+        scores = grads[name].abs().float() if grads is not None and regrow == "gradient" else _uniform(mask, generator)
+        new_masks[name] = kept | top_k_mask(torch.where(kept, torch.tensor(-1.0), scores), k, generator)
         with torch.no_grad():
             weights[name].mul_(new_masks[name] & mask)
     return new_masks
+
+
+def _uniform(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform [0, 1) scores of the mask's shape on its device, drawn on the CPU from `generator`."""
+    return torch.rand(mask.shape, generator=generator).to(mask.device)
 
 
 def masks_to(masks: Masks, device: torch.device | str) -> Masks:
@@ -171,11 +210,13 @@ def apply_masks(weights: dict[str, torch.Tensor], masks: Masks) -> None:
 
 
 def readjust_alpha(server_round: int, alpha: float, delta_r: int, r_end: int) -> float:
-    """alpha_r = alpha/2 (1 + cos(pi r / R_end)) on readjustment rounds (every delta_r
-    rounds up to R_end); 0 on every other round."""
+    """alpha_r = alpha/2 (1 + cos(pi r / (R_end + delta_r))) on readjustment rounds (every
+    delta_r rounds up to R_end); 0 on every other round. The cosine reaches zero one
+    readjustment period after R_end, so the last readjustment at or before R_end still moves
+    the mask (with cos(pi r / R_end) it would be a no-op)."""
     if server_round > r_end or server_round % delta_r != 0:
         return 0.0
-    return alpha / 2.0 * (1.0 + math.cos(math.pi * server_round / r_end))
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * server_round / (r_end + delta_r)))
 
 
 def hamming(a: Masks, b: Masks) -> int:
@@ -199,6 +240,20 @@ def units(masks: Masks) -> int:
     return sum(int(mask.reshape(mask.shape[0], -1).any(1).sum()) for mask in masks.values())
 
 
+def structure(mask: torch.Tensor) -> dict[str, float | int]:
+    """How a layer's active weights spread over its units: the coefficient of variation
+    (population std / mean) of the output units' in-degrees (active weights per row of a
+    linear weight, per output channel of a conv), the output units with any active weight,
+    and the input features (columns, input channels) with any."""
+    indegree = mask.reshape(mask.shape[0], -1).sum(1).double()
+    mean = float(indegree.mean())
+    return {
+        "indegree-cv": float(indegree.std(correction=0)) / mean if mean > 0 else 0.0,
+        "units": int((indegree > 0).sum()),
+        "inputs": int(mask.transpose(0, 1).reshape(mask.shape[1], -1).any(1).sum()),
+    }
+
+
 def densities(masks: Masks) -> dict[str, float]:
     """Fraction of active weights per layer."""
     return {name: float(mask.float().mean()) for name, mask in masks.items()}
@@ -212,3 +267,24 @@ def total_density(masks: Masks) -> float:
 def shapes_of(state: dict[str, torch.Tensor], names: list[str]) -> Shapes:
     """Shapes of the named tensors of a state dict."""
     return {name: tuple(state[name].shape) for name in names}
+
+
+def save_masks(path: Path, masks: Masks) -> None:
+    """Write masks as packed bits (np.packbits of each flattened layer, with its shape) to an .npz file."""
+    arrays = {}
+    for name, mask in masks.items():
+        arrays[f"{name}:bits"] = np.packbits(mask.cpu().numpy().ravel())
+        arrays[f"{name}:shape"] = np.array(mask.shape, dtype=np.int64)
+    np.savez_compressed(path, **arrays)
+
+
+def load_masks(path: Path) -> Masks:
+    """Read masks written by `save_masks`."""
+    with np.load(path) as data:
+        names = [key[: -len(":shape")] for key in data.files if key.endswith(":shape")]
+        masks = {}
+        for name in names:
+            shape = tuple(int(d) for d in data[f"{name}:shape"])
+            bits = np.unpackbits(data[f"{name}:bits"], count=math.prod(shape))
+            masks[name] = torch.from_numpy(bits.astype(bool)).view(shape)
+    return masks

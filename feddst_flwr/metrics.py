@@ -21,7 +21,7 @@ from .aggregation import RoundStats
 from .config import ExperimentConfig
 from .data import TensorData, client_mean_accuracy
 from .grid import MeteredGrid, Traffic
-from .masks import MASKABLE_MODULES, Masks, densities, total_density, weight_name
+from .masks import MASKABLE_MODULES, Masks, densities, save_masks, total_density, weight_name
 from .training import evaluate, resolve_device
 from .validation import Health
 
@@ -93,6 +93,8 @@ class RoundRecorder:
             record["client-mean-accuracy"] = client_mean_accuracy(result.class_accuracy, self.client_weights)
         record.update(self._traffic())
         record.update(self._sparsity())
+        if self.mask_state is not None and server_round == self.cfg.num_server_rounds:
+            save_masks(self.run_dir / "final-mask.npz", self.mask_state()[0])  # the mask's structure, kept
         record["wall-time"] = time.time() - self.started
         self.records.append(record)
         with self.path.open("a") as out:
@@ -141,6 +143,9 @@ class RoundRecorder:
             "mask-entered": stats.mask_entered,
             "mask-entered-units": stats.mask_entered_units,
             "mask-drift": stats.mask_drift,
+            "mask-explored": stats.mask_explored,
+            "mask-leavers-held": stats.mask_leavers_held,
+            "mask-structure": stats.mask_structure,
             "mask-votes": stats.mask_votes,
             "masks-sent": stats.masks_sent,
             "skipped": int(stats.skipped),

@@ -68,6 +68,7 @@ def sparse(cls: type[FedDST]) -> Callable:
             min_available_nodes=sampling(cfg)["min_available_nodes"],
             proximal_mu=cfg.effective_mu,
             min_votes=cfg.min_votes,
+            mask_rule=cfg.mask_rule,
             min_fit_fraction=cfg.min_fit_fraction,
             max_num_examples=cfg.max_num_examples,
             max_update_norm=cfg.max_update_norm,

@@ -16,9 +16,10 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from . import protocol as P
-from .aggregation import ClientUpdate, RoundStats, ServerOptimizer, Votes, aggregate
+from .aggregation import ClientUpdate, RoundStats, ServerOptimizer, Votes, magnitude_reprune, sparse_average
 from .checkpoint import Checkpoint, CheckpointError
 from .codec import DEFAULT_VALUE_DTYPE, VALUE_DTYPES, CodecError, HeldMask, decode, encode
+from .mask_rules import MASK_RULES, ThompsonRule, numpy_rng
 from .masks import (
     DISTRIBUTIONS,
     Masks,
@@ -31,6 +32,7 @@ from .masks import (
     readjust_alpha,
     seeded_generator,
     shapes_of,
+    structure,
     units,
 )
 from .validation import ReplyGuard, outliers, update_norm
@@ -73,6 +75,10 @@ class FedDST(ReplyGuard):
         FedProx coefficient sent to clients as "proximal-mu".
     min_votes : int (default: 1)
         A weight kept by fewer clients than this is zero after aggregation.
+    mask_rule : str (default: "magnitude")
+        The server's mask rule (mask_rules.py): "magnitude" (the paper's re-prune) or
+        "thompson" (FedRTS-style Beta posteriors, at most alpha_r of a layer changes per
+        readjustment).
     min_fit_fraction : float (default: 0.5)
         A round is aggregated only if at least this fraction of the sampled nodes replied
         validly; otherwise it is skipped and the global model and mask are kept.
@@ -107,6 +113,7 @@ class FedDST(ReplyGuard):
         min_available_nodes: int = 2,
         proximal_mu: float = 0.0,
         min_votes: int = 1,
+        mask_rule: str = "magnitude",
         min_fit_fraction: float = 0.5,
         max_num_examples: int = 1_000_000,
         max_update_norm: float = 0.0,
@@ -129,6 +136,7 @@ class FedDST(ReplyGuard):
         self.min_available_nodes = min_available_nodes
         self.proximal_mu = proximal_mu
         self.min_votes = min_votes
+        self.mask_rule = mask_rule
         self.min_fit_fraction = min_fit_fraction
         self.max_num_examples = max_num_examples
         self.max_update_norm = max_update_norm
@@ -139,11 +147,13 @@ class FedDST(ReplyGuard):
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
         self.check_arguments()
+        self.thompson = ThompsonRule() if mask_rule == "thompson" else None
         self.rng = random.Random(seed)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.counts: dict[str, int] = {}
         self.masks: Masks = {}
         self.initial_masks: Masks = {}  # the round-1 mask, for mask-drift
+        self.explored: Masks = {}  # every position ever in the global mask, for mask-explored
         self.mask_version = 0
         self.delivered: dict[int, int] = {}  # node id -> mask version it holds
         self.versions: dict[int, Masks] = {}  # mask versions some node holds: bases of download deltas
@@ -167,6 +177,7 @@ class FedDST(ReplyGuard):
             (whole(self.min_available_nodes) and self.min_available_nodes >= 1, "min_available_nodes", "an int >= 1"),
             (real(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", ">= 0"),
             (whole(self.min_votes) and self.min_votes >= 1, "min_votes", "an int >= 1"),
+            (self.mask_rule in MASK_RULES, "mask_rule", f"one of {MASK_RULES}"),
             (real(self.min_fit_fraction) and 0.0 <= self.min_fit_fraction <= 1.0, "min_fit_fraction", "in [0, 1]"),
             (whole(self.max_num_examples) and self.max_num_examples >= 1, "max_num_examples", "an int >= 1"),
             (real(self.max_update_norm) and self.max_update_norm >= 0, "max_update_norm", ">= 0 (0: no bound)"),
@@ -182,13 +193,14 @@ class FedDST(ReplyGuard):
         """Log the strategy's configuration."""
         log(
             INFO,
-            "\t├──> FedDST: S=%.3f (%s), alpha=%.3f, delta-r=%d, r-end=%d, min-votes=%d",
+            "\t├──> FedDST: S=%.3f (%s), alpha=%.3f, delta-r=%d, r-end=%d, min-votes=%d, mask-rule=%s",
             self.sparsity,
             self.distribution,
             self.alpha,
             self.delta_r,
             self.r_end,
             self.min_votes,
+            self.mask_rule,
         )
         log(
             INFO,
@@ -208,6 +220,7 @@ class FedDST(ReplyGuard):
         maskable_shapes = shapes_of(state, self.maskable)
         self.counts = layer_counts(maskable_shapes, self.sparsity, self.distribution)
         self.masks = self.initial_masks = random_masks(maskable_shapes, self.counts, self.seed)
+        self.explored = dict(self.masks)
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
@@ -257,7 +270,8 @@ class FedDST(ReplyGuard):
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the global model: the mask, its version, the
-        sampling RNG and the server optimizer. Delivered mask versions are not kept: they
+        sampling RNG, the server optimizer, the explored positions and the mask rule's
+        posteriors. Delivered mask versions are not kept: they
         describe the nodes' memory of this run, which a restarted run does not have."""
         return {
             "masks": self.masks,
@@ -265,13 +279,16 @@ class FedDST(ReplyGuard):
             "mask_version": self.mask_version,
             "rng": self.rng.getstate(),
             "optimizer": {"m": self.server_optimizer.m, "v": self.server_optimizer.v},
+            "explored": self.explored,
+            "posterior": self.thompson.state_dict() if self.thompson else {},
         }
 
     def load_state_dict(self, state: dict[str, Any], arrays: dict[str, torch.Tensor]) -> ArrayRecord:
         """Restore `state_dict()` after `initialize`; returns the global model `arrays`."""
         maskable = {name: self.shapes[name] for name in self.maskable}
         expected = {"arrays": (arrays, self.shapes), "strategy.masks": (state["masks"], maskable),
-                    "strategy.initial_masks": (state["initial_masks"], maskable)}  # fmt: skip
+                    "strategy.initial_masks": (state["initial_masks"], maskable),
+                    "strategy.explored": (state.get("explored", state["masks"]), maskable)}  # fmt: skip
         for key, (tensors, shapes) in expected.items():
             if shapes_of(tensors, list(tensors)) != shapes:
                 raise CheckpointError(
@@ -295,6 +312,18 @@ class FedDST(ReplyGuard):
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"checkpoint field 'strategy.rng' is not a random.Random state ({err})") from err
         self.server_optimizer.m, self.server_optimizer.v = state["optimizer"]["m"], state["optimizer"]["v"]
+        self.explored = state.get("explored", self.masks)  # older checkpoints: from the resumed mask on
+        if self.thompson is not None:
+            posterior = state.get("posterior") or {}
+            if set(posterior) != {"a", "b"} or any(
+                set(posterior[key]) - set(self.maskable)
+                or any(tuple(t.shape) != maskable[n] for n, t in posterior[key].items())
+                for key in ("a", "b")
+            ):
+                raise CheckpointError(
+                    "checkpoint field 'strategy.posterior' is not the thompson rule's posteriors over the masked layers"
+                )
+            self.thompson.load_state_dict(posterior)
         return ArrayRecord(arrays)
 
     def sample(self, grid: Grid) -> list[int]:
@@ -313,7 +342,10 @@ class FedDST(ReplyGuard):
         state = self.global_state = arrays.to_torch_state_dict()
         alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.r_end)
         self.stats = RoundStats(
-            mask_version=self.mask_version, readjust_alpha=alpha_r, mask_drift=self.drift(self.masks)
+            mask_version=self.mask_version,
+            readjust_alpha=alpha_r,
+            mask_drift=self.drift(self.masks),
+            mask_explored=self.explored_fraction(),
         )
         config = ConfigRecord(
             {
@@ -392,7 +424,12 @@ class FedDST(ReplyGuard):
             )
             return None, None
         generator = seeded_generator(self.seed, "re-prune", server_round)
-        state, masks, votes = aggregate(updates, self.counts, generator, self.min_votes)
+        state, votes = sparse_average(updates, self.min_votes)
+        masks = magnitude_reprune(state, votes, self.counts, generator, self.min_votes)
+        if self.thompson is not None and self.stats.readjust_alpha > 0:
+            self.thompson.update(votes, float(sum(u.num_examples for u in updates)), masks)
+            rng = numpy_rng(self.seed, "thompson", server_round)
+            masks = self.thompson.select(self.masks, votes, self.stats.readjust_alpha, self.min_votes, rng)
         masks = self.reconfigure(updates, masks, generator)
         apply_masks(state, masks)
         state = self.server_optimizer.step(self.global_state, state, masks, self.masks)
@@ -401,16 +438,27 @@ class FedDST(ReplyGuard):
         return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)
 
     def record_movement(self, masks: Masks, votes: Votes, num_updates: int) -> None:
-        """Mask statistics of this round's new global mask; a changed mask gets a new version."""
-        entered = difference(masks, self.masks)
+        """Mask statistics of this round's new global mask (its structure on readjustment
+        rounds); a changed mask gets a new version."""
+        entered, left = difference(masks, self.masks), difference(self.masks, masks)
         self.stats.mask_entered = active(entered)
         self.stats.mask_entered_units = units(entered)
         self.stats.mask_drift = self.drift(masks)
+        self.explored = {name: self.explored[name] | mask for name, mask in masks.items()}
+        self.stats.mask_explored = self.explored_fraction()
+        if self.stats.readjust_alpha > 0:
+            self.stats.mask_structure = {name: structure(mask) for name, mask in masks.items()}
+            held = sum(int((votes.clients[name][mask] > 0).sum()) for name, mask in left.items())
+            self.stats.mask_leavers_held = held / max(active(left), 1)
         if self.stats.mask_entered:
             held = torch.cat([votes.clients[name][mask] for name, mask in entered.items()])
             self.stats.mask_votes = torch.bincount(held, minlength=num_updates + 1).tolist()
             self.mask_version += 1
         self.stats.mask_version = self.mask_version
+
+    def explored_fraction(self) -> float:
+        """R_s (Liu et al. 2021): the fraction of maskable positions ever in the global mask."""
+        return active(self.explored) / max(sum(mask.numel() for mask in self.explored.values()), 1)
 
     def drift(self, masks: Masks) -> float:
         """Fraction of the initial mask's positions that are not in `masks`."""

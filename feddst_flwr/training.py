@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TensorData
-from .masks import Masks, apply_masks, masks_to, prune_and_regrow, seeded_generator
+from .masks import REGROW, Masks, apply_masks, masks_to, prune_and_regrow, seeded_generator
 
 
 def batches(data: TensorData, batch_size: int, generator: torch.Generator | None):
@@ -48,12 +48,14 @@ def readjust_epoch(readjust_at: str, epochs: int) -> int:
 @dataclass
 class Readjustment:
     """Prune-and-regrow within local training (Algorithm 1, step 4): after `after_epoch`
-    epochs, drop a fraction alpha_r of each layer's weights and regrow as many by the
-    dense gradient summed over `grow_batches` minibatches."""
+    epochs, drop a fraction alpha_r of each layer's weights and regrow as many: by the
+    dense gradient summed over `grow_batches` minibatches (`regrow = "gradient"`) or at
+    random (`"random"`)."""
 
     alpha_r: float
     after_epoch: int
     grow_batches: int = 1
+    regrow: str = "gradient"
 
 
 @dataclass
@@ -102,6 +104,7 @@ def masked_sgd(
     weight_decay: float = 0.0,
     readjust_at: str = "mid",
     grow_batches: int = 1,
+    regrow: str = "gradient",
     seed: int = 0,
     partition_id: int = 0,
     device: str = "auto",
@@ -110,6 +113,8 @@ def masked_sgd(
     readjust-at, PruneFL's gradients when asked. Data order and tie-breaking draw from
     (seed, round, partition_id), so the clients of one round differ."""
     readjust_after = readjust_epoch(readjust_at, epochs)
+    if regrow not in REGROW:
+        raise ValueError(f"regrow '{regrow}' not in {REGROW}")
 
     def train_fn(model: nn.Module, local: LocalRound) -> LocalResult:
         on = resolve_device(device)
@@ -117,7 +122,9 @@ def masked_sgd(
         local_data = data.to(on)
         generator = seeded_generator(seed, local.server_round, partition_id)
         masks = None if local.masks is None else masks_to(local.masks, on)
-        readjust = Readjustment(local.alpha_r, readjust_after, grow_batches) if masks and local.alpha_r > 0 else None
+        readjust = (
+            Readjustment(local.alpha_r, readjust_after, grow_batches, regrow) if masks and local.alpha_r > 0 else None
+        )
         trained = train(
             model, local_data, masks,
             epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -188,9 +195,12 @@ def _readjusted(
     optimizer: torch.optim.Optimizer,
 ) -> Masks:
     """Prune and regrow the model's weights in place; dropped weights lose their momentum."""
-    grads = dense_gradients(model, data, list(masks), readjust.grow_batches, batch_size, generator)
+    grads = None
+    if readjust.regrow == "gradient":
+        grads = dense_gradients(model, data, list(masks), readjust.grow_batches, batch_size, generator)
     params = dict(model.named_parameters())
-    new_masks = prune_and_regrow({name: params[name].data for name in masks}, grads, masks, readjust.alpha_r, generator)
+    weights = {name: params[name].data for name in masks}
+    new_masks = prune_and_regrow(weights, grads, masks, readjust.alpha_r, generator, readjust.regrow)
     for name, mask in new_masks.items():
         buffer = optimizer.state.get(params[name], {}).get("momentum_buffer")
         if buffer is not None:

@@ -309,10 +309,10 @@ def test_prune_and_regrow_breaks_gradient_ties_by_seed_not_index():
 @pytest.mark.parametrize(
     ("server_round", "expected"),
     [
-        (5, 0.1 / 2 * (1 + math.cos(math.pi / 4))),
-        (10, 0.05),  # cos(pi/2) = 0
-        (15, 0.1 / 2 * (1 - math.cos(math.pi / 4))),
-        (20, 0.0),  # cos(pi) = -1
+        (5, 0.1 / 2 * (1 + math.cos(math.pi / 5))),  # cos(pi r / (r_end + delta_r))
+        (10, 0.1 / 2 * (1 + math.cos(2 * math.pi / 5))),
+        (15, 0.1 / 2 * (1 + math.cos(3 * math.pi / 5))),
+        (20, 0.1 / 2 * (1 + math.cos(4 * math.pi / 5))),  # the last readjustment, at R_end, still moves
         (1, 0.0),
         (7, 0.0),  # not a multiple of delta_r
         (25, 0.0),  # after r_end
@@ -321,6 +321,13 @@ def test_prune_and_regrow_breaks_gradient_ties_by_seed_not_index():
 )
 def test_readjust_alpha_cosine_schedule(server_round, expected):
     assert M.readjust_alpha(server_round, alpha=0.1, delta_r=5, r_end=20) == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize(("delta_r", "r_end"), [(5, 100), (10, 100), (15, 200), (5, 50), (3, 10), (1, 7)])
+def test_readjust_alpha_last_readjustment_at_or_before_r_end_moves_the_mask(delta_r, r_end):
+    last = r_end // delta_r * delta_r
+    assert M.readjust_alpha(last, alpha=0.3, delta_r=delta_r, r_end=r_end) > 0
+    assert M.readjust_alpha(last + delta_r, alpha=0.3, delta_r=delta_r, r_end=r_end) == 0.0
 
 
 def test_readjust_alpha_off_when_alpha_zero():

@@ -269,9 +269,9 @@ def test_all_replies_invalid_keeps_the_model(federation):
 def test_config_carries_schedule_mask_version_and_mu(federation):
     strategy = make_strategy(alpha=0.3, delta_r=2, r_end=5, proximal_mu=0.01)
     strategy.initialize(ArrayRecord(new_model().state_dict()))
-    # alpha_r = alpha / 2 (1 + cos(pi r / r_end)) on rounds 2 and 4, 0 elsewhere and after r_end
+    # alpha_r = alpha / 2 (1 + cos(pi r / (r_end + delta_r))) on rounds 2 and 4, 0 elsewhere and after r_end
     expected = {r: 0.0 for r in (1, 3, 5, 6)}
-    expected.update({2: 0.15 * (1 + math.cos(2 * math.pi / 5)), 4: 0.15 * (1 + math.cos(4 * math.pi / 5))})
+    expected.update({2: 0.15 * (1 + math.cos(2 * math.pi / 7)), 4: 0.15 * (1 + math.cos(4 * math.pi / 7))})
     for server_round, alpha_r in expected.items():
         messages = strategy.configure_train(server_round, federation.arrays, ConfigRecord({"lr": 0.5}), FakeGrid(NODES))
         for message in messages:
