@@ -3,6 +3,7 @@ simulation engine on Ray), one after another; then the report.
 
     python sim.py NAME          # experiments/NAME.toml: run what is not finished yet, then report
     python sim.py report NAME   # report only
+    python sim.py NAME --only A --only B   # only these strategies (e.g. arms split over worktrees)
 
 An experiment file names a preset (conf/<preset>.toml), the strategies, the seeds and the
 number of simulated nodes, plus run-config overrides for all runs ([run-config]) and per
@@ -105,13 +106,17 @@ Runner = Callable[[dict, int, Path], None]  # (run config, num supernodes, FLWR_
 ATTEMPTS = 3  # a run that ends early (e.g. the SuperLink lost the run's heartbeat) is started again
 
 
-def run_experiment(experiment: Experiment, results: Path, runner: Runner) -> None:
-    """Run every (strategy, seed) without a `done` marker; a run left unfinished (by an
-    interruption, or ending early: then up to ATTEMPTS times) continues from its checkpoint if
-    it has one (`checkpoint-every` > 0, FedDST family), else it is deleted and restarted."""
+def run_experiment(experiment: Experiment, results: Path, runner: Runner, only: list[str] | None = None) -> None:
+    """Run every (strategy, seed) without a `done` marker (of the strategies in `only`, if
+    given); a run left unfinished (by an interruption, or ending early: then up to ATTEMPTS
+    times) continues from its checkpoint if it has one (`checkpoint-every` > 0, FedDST
+    family), else it is deleted and restarted."""
+    unknown = sorted(set(only or []) - set(experiment.strategies))
+    if unknown:
+        raise ValueError(f"--only {unknown}: not strategies of {experiment.name} ({experiment.strategies})")
     home = results / ".flwr-home"
     stop_superlink(home)  # an interrupted sim.py may have left a run going
-    todo = experiment.runs()
+    todo = [(strategy, seed) for strategy, seed in experiment.runs() if not only or strategy in only]
     for index, (strategy, seed) in enumerate(todo, 1):
         run_dir = results / f"{strategy}-seed{seed}"
         if (run_dir / "done").exists():
@@ -257,7 +262,9 @@ def write_report(results: Path, caption: str = "", reference: str = "feddst") ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="+", metavar="[report] EXPERIMENT")
-    args = parser.parse_args().args
+    parser.add_argument("--only", action="append", metavar="STRATEGY", help="run only this strategy (repeatable)")
+    parsed = parser.parse_args()
+    args = parsed.args
     only_report = args[0] == "report"
     path = Path(args[-1])
     if not path.exists():
@@ -265,7 +272,7 @@ def main() -> None:
     experiment = Experiment.load(path)
     results = ROOT / "results" / experiment.name
     if not only_report:
-        run_experiment(experiment, results, flwr_run)
+        run_experiment(experiment, results, flwr_run, parsed.only)
     print(write_report(results, experiment.caption, experiment.reference))
 
 

@@ -328,3 +328,12 @@ def test_committed_experiment_files_load(path, tmp_path):
     runs = experiment.runs()
     configs = [experiment.config(strategy, seed, tmp_path) for strategy, seed in runs]
     assert configs and all(config["run-name"] == f"{s}-seed{k}" for config, (s, k) in zip(configs, runs))
+
+
+def test_only_runs_the_named_strategies_and_names_unknown_ones(tmp_path):
+    exp, results = experiment(tmp_path), tmp_path / "results"
+    runner = FakeRunner()
+    sim.run_experiment(exp, results, runner, only=["fedavg"])
+    assert runner.calls == ["fedavg-seed0", "fedavg-seed1"]
+    with pytest.raises(ValueError, match=r"--only \['fedprox'\]: not strategies of exp"):
+        sim.run_experiment(exp, results, runner, only=["fedprox"])
