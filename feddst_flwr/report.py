@@ -148,20 +148,41 @@ def last_mean(run: Run, metric: str = METRIC, evaluations: int = 10) -> float:
 
 def movement_table(runs: dict[str, list[Run]]) -> str:
     """Markdown table of the mask's movement, for strategies whose runs count it: positions
-    entering per readjust round (mean over seeds) and the final drift (mean +- std); "" if none."""
+    entering per readjust round (mean over seeds), the final drift and R_s (mask-explored),
+    the share of leaving positions some client still kept, and the output units' in-degree
+    CV at the last readjustment (mean over layers) (mean +- std; "-" where records predate
+    them); "" if none."""
     lines = [
         f"| {strategy} | {len(seeds)} | {_movement(seeds)} |"
         for strategy, seeds in runs.items()
         if "mask-drift" in seeds[0].records[-1]
     ]
-    header = ["| strategy | seeds | entered per readjust round | drift at the end |", "|---|---|---|---|"]
+    header = [
+        "| strategy | seeds | entered per readjust round | drift at the end | explored (R_s) | leavers still held"
+        " | in-degree CV |",
+        "|---|---|---|---|---|---|---|",
+    ]
     return "\n".join(header + lines) + "\n" if lines else ""
 
 
 def _movement(seeds: list[Run]) -> str:
-    """Seed-table cells: positions entering per readjust round (mean over seeds) and the final drift."""
+    """Seed-table cells of `movement_table`."""
     per_round = "/".join(f"{v:.0f}" for v in np.mean([entered_per_readjust(run) for run in seeds], axis=0)) or "-"
-    return f"{per_round} | {_spread([run.records[-1]['mask-drift'] for run in seeds], digits=3)}"
+    cells = [per_round, _spread([run.records[-1]["mask-drift"] for run in seeds], digits=3)]
+    cells.append(_optional([run.records[-1].get("mask-explored") for run in seeds]))
+    readjusts = [[r for r in run.records if r.get("mask-structure")] for run in seeds]
+    cells.append(_optional([np.mean([r["mask-leavers-held"] for r in rs]) if rs else None for rs in readjusts]))
+    cv = [
+        np.mean([layer["indegree-cv"] for layer in rs[-1]["mask-structure"].values()]) if rs else None
+        for rs in readjusts
+    ]
+    cells.append(_optional(cv))
+    return " | ".join(cells)
+
+
+def _optional(values: list[float | None]) -> str:
+    """_spread of the values, or "-" if some run lacks them."""
+    return "-" if any(v is None for v in values) else _spread([float(v) for v in values], digits=3)
 
 
 def entered_per_readjust(run: Run) -> list[int]:

@@ -196,8 +196,19 @@ def test_movement_table_and_plot(tmp_path):
     assert report.last_mean(runs["feddst"][0], evaluations=2) == pytest.approx(0.5)
     table = report.movement_table(runs)
     # entered per readjust round (10+20)/2, (4+6)/2; final drift 0.2 and 0.4; fedavg counts no mask
-    assert table.splitlines()[2:] == ["| feddst | 2 | 15/5 | 0.300 ± 0.100 |"]
+    assert table.splitlines()[2:] == ["| feddst | 2 | 15/5 | 0.300 ± 0.100 | - | - | - |"]  # no structure records
     assert report.movement_table({"fedavg": runs["fedavg"]}) == ""
+    for seed, (explored, held, cv) in enumerate([(0.3, 0.5, 0.2), (0.5, 0.7, 0.4)]):
+        recs = moving_records([0.1, 0.2, 0.4, 0.6], [0, 10, 4, 0], [0, 0.1, 0.2, 0.2])
+        for r, record in enumerate(recs):
+            record["mask-explored"] = explored
+            if r in (1, 2):  # readjust rounds: held share and structure (the last one counts for CV)
+                record["mask-leavers-held"] = held + 0.1 * (r - 1)
+                record["mask-structure"] = {"a": {"indegree-cv": cv * r}, "b": {"indegree-cv": cv * r + 0.2}}
+        write_run(tmp_path / "s", f"feddst-seed{seed}", recs)
+    row = report.movement_table(report.load_runs(tmp_path / "s")).splitlines()[2]
+    # explored 0.3/0.5; held (0.5+0.6)/2=0.55, (0.7+0.8)/2=0.75; CV at round 2: (0.4+0.6)/2=0.5, (0.8+1.0)/2=0.9
+    assert row == "| feddst | 2 | 10/4 | 0.200 ± 0.000 | 0.400 ± 0.100 | 0.650 ± 0.100 | 0.700 ± 0.200 |"
     assert report.plot_mask_movement(runs, tmp_path / "mask.png")
     assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
     assert not report.plot_mask_movement({"fedavg": runs["fedavg"]}, tmp_path / "none.png")
