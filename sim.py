@@ -249,6 +249,8 @@ def write_report(results: Path, caption: str = "", reference: str = "feddst") ->
     folder; returns the table."""
     runs = report.load_runs(results)
     table = report.summary_table(runs, reference=reference)
+    if paired := report.randommask_table(runs):
+        table += f"\nAgainst the fixed random mask, each seed paired with the same seed at the same rounds:\n\n{paired}"
     if movement := report.movement_table(runs):
         table += f"\nMask movement:\n\n{movement}"
     caption = f"{caption.strip()}\n\n" if caption.strip() else ""

@@ -185,6 +185,43 @@ def _optional(values: list[float | None]) -> str:
     return "-" if any(v is None for v in values) else _spread([float(v) for v in values], digits=3)
 
 
+def paired_by_round(ours: Run, theirs: Run, metric: str = METRIC) -> tuple[np.ndarray, np.ndarray]:
+    """(rounds, ours minus theirs) at the rounds both evaluated, round 0 excluded."""
+    mine = {r["round"]: r[metric] for r in ours.records if metric in r and r["round"] > 0}
+    other = {r["round"]: r[metric] for r in theirs.records if metric in r}
+    rounds = np.asarray(sorted(set(mine) & set(other)), dtype=np.int64)
+    return rounds, np.asarray([mine[r] - other[r] for r in rounds], dtype=np.float64)
+
+
+def randommask_table(runs: dict[str, list[Run]], windows: int = 4, metric: str = METRIC) -> str:
+    """Markdown table: every other sparse strategy minus the fixed random mask, each seed
+    paired with the same seed at the same rounds: over the last 10 common evaluations, then
+    averaged within `windows` equal windows of rounds (mean +- std over seeds); "" without
+    randommask runs."""
+    if "randommask" not in runs:
+        return ""
+    by_seed = {run.seed: run for run in runs["randommask"]}
+    last = max(r["round"] for run in runs["randommask"] for r in run.records)
+    edges = np.linspace(0, last, windows + 1).round().astype(int)
+    header = [
+        "| strategy | seeds | last-10 - randommask | "
+        + " | ".join(f"rounds {a + 1}-{b}" for a, b in zip(edges[:-1], edges[1:]))
+        + " |",
+        "|---|---|---|" + "---|" * windows,
+    ]
+    lines = []
+    for strategy, seeds in runs.items():
+        pairs = [paired_by_round(run, by_seed[run.seed], metric) for run in seeds if run.seed in by_seed]
+        if strategy == "randommask" or "mask-drift" not in seeds[0].records[-1] or not pairs:
+            continue
+        cells = [_spread([float(np.mean(gap[-10:])) for _, gap in pairs], signed=True)]
+        for a, b in zip(edges[:-1], edges[1:]):
+            means = [float(np.mean(gap[(rounds > a) & (rounds <= b)])) for rounds, gap in pairs]
+            cells.append(_spread(means, signed=True) if all(np.isfinite(means)) else "-")
+        lines.append(f"| {strategy} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(header + lines) + "\n" if lines else ""
+
+
 def entered_per_readjust(run: Run) -> list[int]:
     """mask-entered on every readjust round (readjust-alpha > 0)."""
     return [r["mask-entered"] for r in run.records if r.get("readjust-alpha", 0) > 0]

@@ -348,3 +348,25 @@ def test_only_runs_the_named_strategies_and_names_unknown_ones(tmp_path):
     assert runner.calls == ["fedavg-seed0", "fedavg-seed1"]
     with pytest.raises(ValueError, match=r"--only \['fedprox'\]: not strategies of exp"):
         sim.run_experiment(exp, results, runner, only=["fedprox"])
+
+
+def test_randommask_table_pairs_seeds_at_the_same_rounds(tmp_path):
+    rounds = [0, 1, 2, 3, 4]
+
+    def sparse(accuracies: list[float]) -> list[dict]:
+        return [{**record, "mask-drift": 0.0} for record in records(rounds, accuracies)]
+
+    write_run(tmp_path, "randommask-seed0", sparse([0.1, 0.2, 0.3, 0.4, 0.5]))
+    write_run(tmp_path, "randommask-seed1", sparse([0.1, 0.3, 0.3, 0.3, 0.3]))
+    write_run(tmp_path, "feddst-seed0", sparse([0.1, 0.3, 0.3, 0.3, 0.6]))
+    write_run(tmp_path, "feddst-seed1", sparse([0.1, 0.3, 0.3, 0.4, 0.4]))
+    write_run(tmp_path, "fedavg-seed0", records(rounds, [0.1] * 5))
+    table = report.randommask_table(report.load_runs(tmp_path), windows=2)
+    # seed 0 gaps at rounds 1-4: +0.1, 0, -0.1, +0.1; seed 1: 0, 0, +0.1, +0.1
+    # last-10 (all 4): 0.025 and 0.05; rounds 1-2: 0.05 and 0; rounds 3-4: 0 and 0.1
+    assert table.splitlines() == [
+        "| strategy | seeds | last-10 - randommask | rounds 1-2 | rounds 3-4 |",
+        "|---|---|---|---|---|",
+        "| feddst | 2 | +0.0375 ± 0.0125 | +0.0250 ± 0.0250 | +0.0500 ± 0.0500 |",
+    ]
+    assert report.randommask_table({"feddst": report.load_runs(tmp_path)["feddst"]}) == ""
