@@ -27,7 +27,7 @@ VALUES_STYPE = "feddst.values"
 DENSE_STYPE = "numpy.ndarray"
 MASK_SUFFIX = ":mask"
 VALUE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
-DEFAULT_VALUE_DTYPE = "float16"  # level with float32 in accuracy at half the bytes (README "Wire")
+DEFAULT_VALUE_DTYPE = "float16"  # level with float32 in accuracy at half the bytes (docs/wire.md)
 DENSE_DTYPES = ("float32", "int64")  # what a torch state dict of our models holds (int64: BN counters)
 NPY_HEADER_LIMIT = 4096  # .npy header bytes allowed beyond the array data
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """All run-config keys; defaults live in pyproject.toml, documented in README."""
+    """All run-config keys; defaults live in pyproject.toml, documented in docs/configuration.md."""
 
     strategy: str
     num_server_rounds: int

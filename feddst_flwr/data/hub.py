@@ -18,7 +18,7 @@ def from_hub(name: str) -> RawDataset:
     except Exception as err:  # the hub client raises many types when offline
         raise DatasetNotFoundError(
             f"dataset '{name}': could not load '{spec.hub_id}' from the Hugging Face hub ({type(err).__name__}: "
-            f"{err}). Set run-config data-dir to a folder with local files (see README, 'Datasets')."
+            f"{err}). Set run-config data-dir to a folder with local files (see docs/configuration.md, 'Datasets')."
         ) from err
 
     def arrays(split) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ def find_local(name: str, data_dir: Path):
     raise DatasetNotFoundError(
         f"dataset '{name}' not found under data-dir '{data_dir}'. Tried:\n  " + "\n  ".join(tried) + "\n"
         f"Provide one of these layouts, or leave data-dir empty to download '{spec.hub_id}' from the "
-        "Hugging Face hub (see README, 'Datasets')."
+        "Hugging Face hub (see docs/configuration.md, 'Datasets')."
     )
 
 
