@@ -28,7 +28,7 @@ def train(msg: Message, context: Context) -> Message:
     scheme = cfg.partition_scheme(cfg.num_partitions or int(context.node_config[P.NUM_PARTITIONS]))
     data = load_partition(raw, scheme, cfg.dataset, partition)
     model = build_model(cfg.model, cfg.num_classes, cfg.seed)
-    return train_reply(msg, context.state, model, cfg.trainer(data, partition), value_dtype=cfg.value_dtype)
+    return train_reply(msg, context.state, model, cfg.trainer(data, partition))
 
 
 @app.query()

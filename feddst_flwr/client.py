@@ -15,7 +15,6 @@ from flwr.common import log
 
 from . import protocol as P
 from .codec import (
-    DEFAULT_VALUE_DTYPE,
     CodecError,
     HeldMask,
     carries_mask,
@@ -116,11 +115,11 @@ def client_round(
     round_config: ConfigRecord,
     node_state: RecordDict,
     train_fn: TrainFn,
-    value_dtype: str = DEFAULT_VALUE_DTYPE,
 ) -> ClientResult:
     """Run one training round on a node and build its reply: `arrays` and `round_config`
     are the server's message, `node_state` the node's Context state (it keeps the mask),
-    `train_fn` the local training (`training.masked_sgd`, or the user's own)."""
+    `train_fn` the local training (`training.masked_sgd`, or the user's own). A sparse
+    reply's values take the dtype of the values the server sent (its `value_dtype`)."""
     state, masks = receive(model, arrays, round_config, node_state)
     model.load_state_dict(state)
     local = LocalRound(
@@ -136,7 +135,9 @@ def client_round(
     gradients = checked_gradients(result, local, weights)
     entered = active(difference(local_masks, masks)) if masks is not None else 0
     sent = HeldMask(masks, int(round_config[P.MASK_VERSION])) if masks is not None else None  # the server holds it too
-    reply = encode(weights, local_masks, entered > 0, value_dtype, sent) if sent is not None else ArrayRecord(weights)
+    reply = ArrayRecord(weights)
+    if sent is not None:
+        reply = encode(weights, local_masks, entered > 0, arrays[next(iter(sent.masks))].dtype, sent)
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: result.num_examples,
@@ -197,8 +198,6 @@ def train_reply(
     node_state: RecordDict,
     model: torch.nn.Module,
     train_fn: TrainFn,
-    *,
-    value_dtype: str = DEFAULT_VALUE_DTYPE,
 ) -> Message:
     """A ClientApp's whole train handler: decode the server's message (FedDST's sparse
     payload or a baseline's dense one) into `model`, run `train_fn`, and reply with the
@@ -208,7 +207,7 @@ def train_reply(
     if P.ARRAYS not in msg.content.array_records or P.CONFIG not in msg.content.config_records:
         return bad_message(msg, "it lacks the 'arrays' or the 'config' record")
     try:
-        result = client_round(model, msg.content[P.ARRAYS], msg.content[P.CONFIG], node_state, train_fn, value_dtype)
+        result = client_round(model, msg.content[P.ARRAYS], msg.content[P.CONFIG], node_state, train_fn)
     except MissingMaskError as err:
         return Message(Error(code=P.MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
     except CodecError as err:

@@ -89,7 +89,8 @@ class FedDST(ReplyGuard):
         A reply whose update (its values minus the global model's) has an L2 norm above
         this multiple of the round's median is rejected; 0: no bound.
     value_dtype : str (default: "float16")
-        Wire dtype of the sparse values ("float16" or "float32"); clients must send the same.
+        Wire dtype of the sparse values ("float16" or "float32"), downloads and replies: a
+        client answers in the dtype of the values it received.
     seed : int (default: 0)
         Seeds the initial mask, the node sampling, and the random key that breaks ties
         (after votes) in the re-prune.

@@ -42,7 +42,7 @@ class FakeGrid:
 
 def run_client(model, data, arrays, config, cfg, node_state, partition_id: int):
     """client_round with the run config's masked SGD on `data`."""
-    return client_round(model, arrays, config, node_state, cfg.trainer(data, partition_id), cfg.value_dtype)
+    return client_round(model, arrays, config, node_state, cfg.trainer(data, partition_id))
 
 
 def make_strategy(**overrides) -> FedDST:

@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from fakes import FakeGrid, Server, new_model, round_config, run_client
+from fakes import FakeGrid, Federation, Server, make_strategy, new_model, round_config, run_client
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedProx
 
@@ -361,3 +361,18 @@ def test_client_app_injected_failure_is_an_error_reply(client_app, context):
     context.run_config["client-failure-rate"] = 0.999
     reply = client_app.app(instruction(app_server(context).payload(True), round_config(1)), context)
     assert reply.has_error() and reply.error.code == P.INJECTED_FAILURE_CODE
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("value_dtype", ["float32", "float16"])
+def test_reply_values_take_the_dtype_the_server_sent(make_cfg, value_dtype):
+    """The wire dtype is a server argument only: the client answers in the dtype it received,
+    whatever its own run config says (float16 here), and the server accepts every reply."""
+    strategy = make_strategy(value_dtype=value_dtype, clients_per_round=3)
+    federation = Federation(make_cfg(value_dtype="float16"), strategy=strategy)
+    messages = federation.configure(1)
+    replies = [federation.reply(m) for m in messages]
+    name = strategy.maskable[0]
+    assert all(reply.content["arrays"][name].dtype == value_dtype for reply in replies)
+    arrays, _ = federation.aggregate(1, replies)
+    assert arrays is not None and not strategy.stats.failures
