@@ -93,11 +93,6 @@ class ExperimentConfig:
         return self.strategy in STRATEGIES and STRATEGIES[self.strategy].sparse
 
     @property
-    def readjust_end(self) -> int:
-        """R_end: last round that may readjust masks (0 in config = half the rounds)."""
-        return self.r_end if self.r_end > 0 else self.num_server_rounds // 2
-
-    @property
     def effective_alpha(self) -> float:
         """alpha for strategies whose clients readjust, else 0 (randommask: the random ERK mask
         never moves; PruneFL: its server reconfigures)."""

@@ -55,7 +55,7 @@ class PruneFL(FedDST):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask for dense squared gradients on reconfiguration rounds."""
-        self.asks_gradients = server_round <= self.r_end and server_round % self.delta_r == 0
+        self.asks_gradients = server_round <= self.readjust_end and server_round % self.delta_r == 0
         config = ConfigRecord({**config, P.UPLOAD_GRADIENTS: int(self.asks_gradients)})
         return super()._configure_train(server_round, arrays, config, grid)
 

@@ -59,10 +59,10 @@ def sparse(cls: type[FedDST]) -> Callable:
         return cls(
             maskable=maskable,
             sparsity=cfg.sparsity,
-            distribution=cfg.sparsity_distribution,
+            sparsity_distribution=cfg.sparsity_distribution,
             alpha=cfg.effective_alpha,
             delta_r=cfg.delta_r,
-            r_end=cfg.readjust_end,
+            r_end=cfg.r_end or None,  # run config: 0 means half the rounds, FedDST's None
             fraction_train=cfg.fraction_train,
             clients_per_round=cfg.clients_per_round,
             min_available_nodes=sampling(cfg)["min_available_nodes"],

@@ -57,14 +57,17 @@ class FedDST(ReplyGuard):
         State-dict names of the weight tensors to sparsify (conv/linear weights).
     sparsity : float (default: 0.8)
         Global sparsity S over the maskable weights.
-    distribution : str (default: "erk")
+    sparsity_distribution : str (default: "erk")
         Layer-wise sparsity: "erk", "er" or "uniform".
-    alpha : float (default: 0.05)
-        Initial readjustment ratio; alpha_r = alpha/2 (1 + cos(pi r / r_end)). 0: fixed mask.
-    delta_r : int (default: 10)
+    alpha : float (default: 0.3)
+        Initial readjustment ratio; alpha_r = alpha/2 (1 + cos(pi r / (r_end + delta_r))) on
+        readjustment rounds. 0: fixed mask. (The paper uses 0.01-0.05; 0.3 is RigL's and our
+        measured default.)
+    delta_r : int (default: 5)
         Rounds between readjustments.
-    r_end : int (default: 100)
-        Last round that may readjust.
+    r_end : int | None (default: None)
+        Last round that may readjust; None: half of `num_rounds`, set when `start` runs
+        (as the run config's `r-end = 0`); 0: never readjust.
     fraction_train : float (default: 1.0)
         Fraction of connected nodes sampled per round (without replacement).
     clients_per_round : int (default: 0)
@@ -104,10 +107,10 @@ class FedDST(ReplyGuard):
         *,
         maskable: list[str],
         sparsity: float = 0.8,
-        distribution: str = "erk",
-        alpha: float = 0.05,
-        delta_r: int = 10,
-        r_end: int = 100,
+        sparsity_distribution: str = "erk",
+        alpha: float = 0.3,
+        delta_r: int = 5,
+        r_end: int | None = None,
         fraction_train: float = 1.0,
         clients_per_round: int = 0,
         min_train_nodes: int = 2,
@@ -127,7 +130,7 @@ class FedDST(ReplyGuard):
     ) -> None:
         self.maskable = list(maskable)
         self.sparsity = sparsity
-        self.distribution = distribution
+        self.sparsity_distribution = sparsity_distribution
         self.alpha = alpha
         self.delta_r = delta_r
         self.r_end = r_end
@@ -168,10 +171,10 @@ class FedDST(ReplyGuard):
             (bool(self.maskable) and all(isinstance(n, str) for n in self.maskable), "maskable",
              "a non-empty list of state-dict names"),
             (real(self.sparsity) and 0.0 <= self.sparsity < 1.0, "sparsity", "in [0, 1)"),
-            (self.distribution in DISTRIBUTIONS, "distribution", f"one of {DISTRIBUTIONS}"),
+            (self.sparsity_distribution in DISTRIBUTIONS, "sparsity_distribution", f"one of {DISTRIBUTIONS}"),
             (real(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]"),
             (whole(self.delta_r) and self.delta_r >= 1, "delta_r", "an int >= 1"),
-            (whole(self.r_end) and self.r_end >= 0, "r_end", "an int >= 0"),
+            (self.r_end is None or (whole(self.r_end) and self.r_end >= 0), "r_end", "None or an int >= 0"),
             (real(self.fraction_train) and 0.0 < self.fraction_train <= 1.0, "fraction_train", "in (0, 1]"),
             (whole(self.clients_per_round) and self.clients_per_round >= 0, "clients_per_round", "an int >= 0"),
             (whole(self.min_train_nodes) and self.min_train_nodes >= 1, "min_train_nodes", "an int >= 1"),
@@ -194,9 +197,9 @@ class FedDST(ReplyGuard):
         """Log the strategy's configuration."""
         log(
             INFO,
-            "\t├──> FedDST: S=%.3f (%s), alpha=%.3f, delta-r=%d, r-end=%d, min-votes=%d, mask-rule=%s",
+            "\t├──> FedDST: S=%.3f (%s), alpha=%.3f, delta-r=%d, r-end=%s, min-votes=%d, mask-rule=%s",
             self.sparsity,
-            self.distribution,
+            self.sparsity_distribution,
             self.alpha,
             self.delta_r,
             self.r_end,
@@ -219,7 +222,7 @@ class FedDST(ReplyGuard):
             raise ValueError(f"maskable layers {unknown} are not in the initial arrays")
         self.shapes = shapes_of(state, list(state))
         maskable_shapes = shapes_of(state, self.maskable)
-        self.counts = layer_counts(maskable_shapes, self.sparsity, self.distribution)
+        self.counts = layer_counts(maskable_shapes, self.sparsity, self.sparsity_distribution)
         self.masks = self.initial_masks = random_masks(maskable_shapes, self.counts, self.seed)
         self.explored = dict(self.masks)
         apply_masks(state, self.masks)
@@ -243,6 +246,7 @@ class FedDST(ReplyGuard):
     ) -> Result:
         """Flower's round loop (training, then `evaluate_fn`; FedDST has no federated
         evaluation, so evaluate_config is unused), from round 1 or after a checkpoint."""
+        self.resolve_r_end(num_rounds)
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
         self.summary()
         train_config = train_config or ConfigRecord()
@@ -268,6 +272,21 @@ class FedDST(ReplyGuard):
             if evaluation is not None:
                 result.evaluate_metrics_serverapp[server_round] = evaluation
         return result
+
+    def resolve_r_end(self, num_rounds: int) -> None:
+        """r_end = None means half of the run's rounds: fix it now that they are known."""
+        if self.r_end is None:
+            self.r_end = num_rounds // 2
+
+    @property
+    def readjust_end(self) -> int:
+        """R_end, once known (`start` sets it from num_rounds when r_end is None)."""
+        if self.r_end is None:
+            raise ValueError(
+                f"{type(self).__name__}(r_end=None) means half of num_rounds: call start(), or "
+                "resolve_r_end(num_rounds), before configure_train, or pass r_end"
+            )
+        return self.r_end
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the global model: the mask, its version, the
@@ -341,7 +360,7 @@ class FedDST(ReplyGuard):
         hold the current mask version (as a delta from the version a node holds, where
         that is smaller)."""
         state = self.global_state = arrays.to_torch_state_dict()
-        alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.r_end)
+        alpha_r = readjust_alpha(server_round, self.alpha, self.delta_r, self.readjust_end)
         self.stats = RoundStats(
             mask_version=self.mask_version,
             readjust_alpha=alpha_r,

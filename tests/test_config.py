@@ -14,6 +14,8 @@ from feddst_flwr.config import ConfigError, ExperimentConfig
 from feddst_flwr.data import PartitionScheme
 from feddst_flwr.metrics import forward_flops
 from feddst_flwr.models import DigitsCNN
+from feddst_flwr.registry import build_strategy
+from feddst_flwr.strategy import FedDST
 
 KEYS = [field.name.replace("_", "-") for field in dataclasses.fields(ExperimentConfig)]
 
@@ -125,8 +127,20 @@ def test_pyproject_data_defaults(pyproject_config):
 
 
 @pytest.mark.parametrize("rounds, r_end, expected", [(60, 0, 30), (61, 0, 30), (1, 0, 0), (60, 7, 7), (10, 25, 25)])
-def test_readjust_end(run_config, rounds, r_end, expected):
-    assert parse(run_config, **{"num-server-rounds": rounds, "r-end": r_end}).readjust_end == expected
+def test_r_end_zero_is_half_the_rounds_in_the_run_config_and_none_in_feddst(run_config, rounds, r_end, expected):
+    cfg = parse(run_config, **{"num-server-rounds": rounds, "r-end": r_end})
+    strategy = build_strategy(cfg, ["fc1.weight"])
+    assert strategy.r_end == (r_end or None)
+    strategy.resolve_r_end(rounds)
+    assert strategy.readjust_end == expected
+
+
+def test_feddst_r_end_none_before_start_is_a_clear_error():
+    strategy = FedDST(maskable=["fc1.weight"])
+    assert (strategy.alpha, strategy.delta_r, strategy.r_end) == (0.3, 5, None)  # the measured defaults
+    with pytest.raises(ValueError, match=r"r_end=None\) means half of num_rounds"):
+        _ = strategy.readjust_end
+    assert FedDST(maskable=["fc1.weight"], r_end=0).readjust_end == 0  # 0: never readjust
 
 
 def test_run_name_default_and_override(run_config):

@@ -183,7 +183,7 @@ def test_feddst_arguments_are_keyword_only():
         ("sparsity", 1.0),
         ("sparsity", -0.1),
         ("sparsity", float("nan")),
-        ("distribution", "erk2"),
+        ("sparsity_distribution", "erk2"),
         ("alpha", 1.5),
         ("delta_r", 0),
         ("delta_r", 2.0),

@@ -388,7 +388,14 @@ def test_build_strategy_sparse(make_cfg, name, alpha, mu):
     assert (strategy.min_fit_fraction, strategy.max_num_examples, strategy.max_update_norm) == (0.75, 99, 5.0)
     assert (strategy.alpha, strategy.proximal_mu) == (alpha, mu)
     assert strategy.maskable == MASKABLE
-    assert (strategy.sparsity, strategy.distribution, strategy.delta_r, strategy.r_end) == (0.8, "erk", 5, 30)
+    assert (strategy.sparsity, strategy.sparsity_distribution, strategy.delta_r, strategy.r_end) == (
+        0.8,
+        "erk",
+        5,
+        None,
+    )
+    strategy.resolve_r_end(cfg.num_server_rounds)  # what start() does: r-end = 0 is half the rounds
+    assert strategy.r_end == cfg.num_server_rounds // 2
     assert (strategy.clients_per_round, strategy.min_available_nodes, strategy.seed) == (4, 4, 0)
     assert (strategy.min_votes, strategy.value_dtype) == (1, "float16")
     assert strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), FakeGrid(NODES)) == []
