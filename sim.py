@@ -4,6 +4,7 @@ simulation engine on Ray), one after another; then the report.
     python sim.py NAME          # experiments/NAME.toml: run what is not finished yet, then report
     python sim.py report NAME   # report only
     python sim.py NAME --only A --only B   # only these strategies (e.g. arms split over worktrees)
+    python sim.py gain OUT.png NAME [NAME ...] [--strategy S]   # S - randommask against sparsity
 
 An experiment file names a preset (conf/<preset>.toml), the strategies, the seeds and the
 number of simulated nodes, plus run-config overrides for all runs ([run-config]) and per
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 import tomllib
 
@@ -261,12 +263,28 @@ def write_report(results: Path, caption: str = "", reference: str = "feddst") ->
     return table
 
 
+def gain_plot(path: Path, experiments: list[str], strategy: str) -> str:
+    """Plot `strategy` minus randommask against sparsity from finished experiments; returns
+    one line per experiment."""
+    points = [report.sparsity_gain(ROOT / "results" / name, strategy) for name in experiments]
+    report.plot_gain_vs_sparsity(points, path)
+    return "\n".join(
+        f"{p.experiment}: S = {p.sparsity}, {p.rounds} rounds, {strategy} - randommask (last-10) "
+        f"{100 * np.mean(p.gains):+.2f} +- {100 * np.std(p.gains):.2f} points over {len(p.gains)} seeds"
+        for p in points
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="+", metavar="[report] EXPERIMENT")
     parser.add_argument("--only", action="append", metavar="STRATEGY", help="run only this strategy (repeatable)")
+    parser.add_argument("--strategy", default="feddst", help="gain: the moving-mask arm (default feddst)")
     parsed = parser.parse_args()
     args = parsed.args
+    if args[0] == "gain":
+        print(gain_plot(Path(args[1]), args[2:], parsed.strategy))
+        return
     only_report = args[0] == "report"
     path = Path(args[-1])
     if not path.exists():

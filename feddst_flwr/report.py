@@ -222,6 +222,56 @@ def randommask_table(runs: dict[str, list[Run]], windows: int = 4, metric: str =
     return "\n".join(header + lines) + "\n" if lines else ""
 
 
+@dataclass
+class SparsityGain:
+    """One experiment's paired gain of a strategy over randommask (last-10, by seed)."""
+
+    experiment: str
+    sparsity: float
+    rounds: int
+    gains: list[float]
+
+
+def sparsity_gain(experiment_dir: Path, strategy: str = "feddst", metric: str = METRIC) -> SparsityGain:
+    """`strategy` minus randommask over the last 10 common evaluations, each seed paired with
+    the same seed, at the sparsity of the experiment's runs (their config.json)."""
+    runs = load_runs(experiment_dir)
+    missing = [name for name in (strategy, "randommask") if name not in runs]
+    if missing:
+        raise ValueError(f"{experiment_dir}: no finished runs of {missing}")
+    by_seed = {run.seed: run for run in runs["randommask"]}
+    pairs = [paired_by_round(run, by_seed[run.seed], metric) for run in runs[strategy] if run.seed in by_seed]
+    config = json.loads((experiment_dir / f"{strategy}-seed{runs[strategy][0].seed}" / "config.json").read_text())
+    gains = [float(np.mean(gap[-10:])) for _, gap in pairs]
+    return SparsityGain(experiment_dir.name, config["sparsity"], config["num_server_rounds"], gains)
+
+
+def plot_gain_vs_sparsity(points: list[SparsityGain], path: Path, metric: str = METRIC) -> None:
+    """The moving mask's gain over the fixed random mask against sparsity: mean over seeds,
+    error bars one std, each point labelled with its experiment's rounds and seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for rounds in sorted({p.rounds for p in points}):
+        mine = sorted((p for p in points if p.rounds == rounds), key=lambda p: p.sparsity)
+        means = [100 * np.mean(p.gains) for p in mine]
+        stds = [100 * np.std(p.gains) for p in mine]
+        axis.errorbar([p.sparsity for p in mine], means, yerr=stds, marker="o", capsize=4, label=f"{rounds} rounds")
+        for p, mean in zip(mine, means):
+            axis.annotate(f"{len(p.gains)} seeds", (p.sparsity, mean), textcoords="offset points", xytext=(6, 4))
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("sparsity S")
+    axis.set_ylabel(f"moving - fixed mask, {metric}\n(points, last 10 evaluations)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def entered_per_readjust(run: Run) -> list[int]:
     """mask-entered on every readjust round (readjust-alpha > 0)."""
     return [r["mask-entered"] for r in run.records if r.get("readjust-alpha", 0) > 0]

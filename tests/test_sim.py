@@ -370,3 +370,20 @@ def test_randommask_table_pairs_seeds_at_the_same_rounds(tmp_path):
         "| feddst | 2 | +0.0375 ± 0.0125 | +0.0250 ± 0.0250 | +0.0500 ± 0.0500 |",
     ]
     assert report.randommask_table({"feddst": report.load_runs(tmp_path)["feddst"]}) == ""
+
+
+def test_sparsity_gain_pairs_seeds_and_reads_sparsity_from_the_config(tmp_path):
+    rounds = [0, 1, 2, 3, 4]
+    for name, accuracies in [("randommask-seed0", [0.1, 0.2, 0.3, 0.4, 0.5]), ("randommask-seed1", [0.1, 0.3, 0.3, 0.3, 0.3]),
+                             ("feddst-seed0", [0.1, 0.3, 0.3, 0.3, 0.6]), ("feddst-seed1", [0.1, 0.3, 0.3, 0.4, 0.4]),
+                             ("feddst-seed2", [0.9] * 5)]:  # fmt: skip
+        write_run(tmp_path / "s95", name, records(rounds, accuracies))
+        (tmp_path / "s95" / name / "config.json").write_text(json.dumps({"sparsity": 0.95, "num_server_rounds": 4}))
+    gain = report.sparsity_gain(tmp_path / "s95")
+    # seed 2 has no randommask partner: left out; last-10 of rounds 1-4 is all four gaps
+    assert (gain.experiment, gain.sparsity, gain.rounds) == ("s95", 0.95, 4)
+    assert gain.gains == pytest.approx([0.025, 0.05])
+    report.plot_gain_vs_sparsity([gain], tmp_path / "gain.png")
+    assert (tmp_path / "gain.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no finished runs of \\['thompson'\\]"):
+        report.sparsity_gain(tmp_path / "s95", strategy="thompson")
