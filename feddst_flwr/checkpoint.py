@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from .grid import Traffic
+from .masks import shapes_of
 
 FORMAT = 2  # 2: the strategy state holds the initial mask (mask-drift)
 # Keys that may change between the interrupted run and its resumption.
@@ -146,3 +147,40 @@ def check_fields(fields: dict[str, Any]) -> None:
         if key not in counters:
             raise CheckpointError(f"checkpoint field 'recorder.cumulative' has an unknown counter '{key}'")
         _expect(value, int, f"recorder.cumulative.{key}")
+
+
+def check_shapes(
+    state: dict[str, Any],
+    arrays: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    maskable: list[str],
+    posterior: bool = False,
+) -> None:
+    """A checkpoint's tensors are shaped like the model: the global `arrays` like `shapes`,
+    the strategy's masks, initial masks, explored positions and (with `posterior`, the
+    thompson rule's) posteriors like the `maskable` layers, its optimizer moments like the
+    layers they belong to; CheckpointError names the first field that is not."""
+    masked = {name: shapes[name] for name in maskable}
+    expected = {"arrays": (arrays, shapes), "strategy.masks": (state["masks"], masked),
+                "strategy.initial_masks": (state["initial_masks"], masked),
+                "strategy.explored": (state.get("explored", state["masks"]), masked)}  # fmt: skip
+    for key, (tensors, want) in expected.items():
+        if shapes_of(tensors, list(tensors)) != want:
+            raise CheckpointError(
+                f"checkpoint field '{key}' has shapes {shapes_of(tensors, list(tensors))}, the model {want}"
+            )
+    for key in ("m", "v"):
+        wrong = sorted(n for n, t in state["optimizer"][key].items() if shapes.get(n) != tuple(t.shape))
+        if wrong:
+            raise CheckpointError(
+                f"checkpoint field 'strategy.optimizer.{key}' has tensors {wrong} not shaped like the model"
+            )
+    if posterior:
+        found = state.get("posterior") or {}
+        if set(found) != {"a", "b"} or any(
+            set(found[key]) - set(maskable) or any(tuple(t.shape) != masked[n] for n, t in found[key].items())
+            for key in ("a", "b")
+        ):
+            raise CheckpointError(
+                "checkpoint field 'strategy.posterior' is not the thompson rule's posteriors over the masked layers"
+            )

@@ -6,13 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .aggregation import SERVER_OPTIMIZERS
 from .codec import VALUE_DTYPES
 from .data import DATASETS, PARTITIONS, SPECS, PartitionScheme, TensorData
 from .mask_rules import MASK_RULES
 from .masks import DISTRIBUTIONS, REGROW
 from .models import MODELS
 from .registry import STRATEGIES
+from .server_optimizer import SERVER_OPTIMIZERS
 from .training import DEVICES, READJUST_AT, TrainFn, masked_sgd
 
 SPARSE_STRATEGIES = tuple(name for name, spec in STRATEGIES.items() if spec.sparse)

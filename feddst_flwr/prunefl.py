@@ -14,6 +14,7 @@ from . import protocol as P
 from .aggregation import ClientUpdate
 from .codec import CodecError, decode, decode_dense
 from .masks import Masks, apply_masks, magnitude_prune, seeded_generator
+from .movement import MaskMovement
 from .strategy import FedDST
 from .validation import Instruction, check_reply
 
@@ -45,9 +46,8 @@ class PruneFL(FedDST):
         except CodecError as err:
             raise RuntimeError(f"PruneFL's initial pruning failed on node {nodes[0]}: {err}") from err
         state = decode(reply.content.array_records[self.arrayrecord_key], self.shapes, [], None).state
-        self.masks = self.initial_masks = magnitude_prune(
-            state, None, self.counts, seeded_generator(self.seed, "prunefl")
-        )
+        self.masks = magnitude_prune(state, None, self.counts, seeded_generator(self.seed, "prunefl"))
+        self.movement = MaskMovement(self.masks)
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
-from .aggregation import ServerOptimizer
 from .prunefl import PruneFL
+from .server_optimizer import ServerOptimizer
 from .strategy import FedDST
 from .validation import guarded
 

@@ -16,36 +16,23 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from . import protocol as P
-from .aggregation import ClientUpdate, RoundStats, ServerOptimizer, Votes, magnitude_reprune, sparse_average
-from .checkpoint import Checkpoint, CheckpointError
-from .codec import DEFAULT_VALUE_DTYPE, VALUE_DTYPES, CodecError, HeldMask, decode, encode
-from .mask_rules import MASK_RULES, ThompsonRule, numpy_rng
+from .aggregation import ClientUpdate, RoundStats, magnitude_reprune, sparse_average
+from .checkpoint import Checkpoint, CheckpointError, check_shapes
+from .codec import DEFAULT_VALUE_DTYPE, CodecError, HeldMask, decode, encode
+from .mask_rules import ThompsonRule, numpy_rng
 from .masks import (
-    DISTRIBUTIONS,
     Masks,
-    active,
     apply_masks,
-    difference,
     hamming,
     layer_counts,
     random_masks,
     readjust_alpha,
     seeded_generator,
     shapes_of,
-    structure,
-    units,
 )
-from .validation import ReplyGuard, outliers, update_norm
-
-
-def whole(value: Any) -> bool:
-    """An int (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def real(value: Any) -> bool:
-    """A finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from .movement import MaskMovement
+from .server_optimizer import ServerOptimizer
+from .validation import ReplyGuard, check_strategy_arguments, outliers, update_norm
 
 
 class FedDST(ReplyGuard):
@@ -150,48 +137,19 @@ class FedDST(ReplyGuard):
         self.weighted_by_key = weighted_by_key
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
-        self.check_arguments()
+        check_strategy_arguments(self)
         self.thompson = ThompsonRule() if mask_rule == "thompson" else None
         self.rng = random.Random(seed)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.counts: dict[str, int] = {}
         self.masks: Masks = {}
-        self.initial_masks: Masks = {}  # the round-1 mask, for mask-drift
-        self.explored: Masks = {}  # every position ever in the global mask, for mask-explored
+        self.movement = MaskMovement({})  # the round-1 mask and every position ever held
         self.mask_version = 0
         self.delivered: dict[int, int] = {}  # node id -> mask version it holds
         self.versions: dict[int, Masks] = {}  # mask versions some node holds: bases of download deltas
         self.sampled: list[int] = []  # this round's nodes
         self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
         self.stats = RoundStats()
-
-    def check_arguments(self) -> None:
-        """Raise ValueError naming the first constructor argument out of its range."""
-        checks = [
-            (bool(self.maskable) and all(isinstance(n, str) for n in self.maskable), "maskable",
-             "a non-empty list of state-dict names"),
-            (real(self.sparsity) and 0.0 <= self.sparsity < 1.0, "sparsity", "in [0, 1)"),
-            (self.sparsity_distribution in DISTRIBUTIONS, "sparsity_distribution", f"one of {DISTRIBUTIONS}"),
-            (real(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]"),
-            (whole(self.delta_r) and self.delta_r >= 1, "delta_r", "an int >= 1"),
-            (self.r_end is None or (whole(self.r_end) and self.r_end >= 0), "r_end", "None or an int >= 0"),
-            (real(self.fraction_train) and 0.0 < self.fraction_train <= 1.0, "fraction_train", "in (0, 1]"),
-            (whole(self.clients_per_round) and self.clients_per_round >= 0, "clients_per_round", "an int >= 0"),
-            (whole(self.min_train_nodes) and self.min_train_nodes >= 1, "min_train_nodes", "an int >= 1"),
-            (whole(self.min_available_nodes) and self.min_available_nodes >= 1, "min_available_nodes", "an int >= 1"),
-            (real(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", ">= 0"),
-            (whole(self.min_votes) and self.min_votes >= 1, "min_votes", "an int >= 1"),
-            (self.mask_rule in MASK_RULES, "mask_rule", f"one of {MASK_RULES}"),
-            (real(self.min_fit_fraction) and 0.0 <= self.min_fit_fraction <= 1.0, "min_fit_fraction", "in [0, 1]"),
-            (whole(self.max_num_examples) and self.max_num_examples >= 1, "max_num_examples", "an int >= 1"),
-            (real(self.max_update_norm) and self.max_update_norm >= 0, "max_update_norm", ">= 0 (0: no bound)"),
-            (self.value_dtype in VALUE_DTYPES, "value_dtype", f"one of {tuple(VALUE_DTYPES)}"),
-            (whole(self.seed), "seed", "an int"),
-            (isinstance(self.server_optimizer, ServerOptimizer), "server_optimizer", "a ServerOptimizer or None"),
-        ]  # fmt: skip
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"{type(self).__name__}({name}={getattr(self, name)!r}): expected {expected}")
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -223,8 +181,8 @@ class FedDST(ReplyGuard):
         self.shapes = shapes_of(state, list(state))
         maskable_shapes = shapes_of(state, self.maskable)
         self.counts = layer_counts(maskable_shapes, self.sparsity, self.sparsity_distribution)
-        self.masks = self.initial_masks = random_masks(maskable_shapes, self.counts, self.seed)
-        self.explored = dict(self.masks)
+        self.masks = random_masks(maskable_shapes, self.counts, self.seed)
+        self.movement = MaskMovement(self.masks)
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
@@ -295,55 +253,27 @@ class FedDST(ReplyGuard):
         describe the nodes' memory of this run, which a restarted run does not have."""
         return {
             "masks": self.masks,
-            "initial_masks": self.initial_masks,
+            "initial_masks": self.movement.initial,
             "mask_version": self.mask_version,
             "rng": self.rng.getstate(),
             "optimizer": {"m": self.server_optimizer.m, "v": self.server_optimizer.v},
-            "explored": self.explored,
+            "explored": self.movement.explored,
             "posterior": self.thompson.state_dict() if self.thompson else {},
         }
 
     def load_state_dict(self, state: dict[str, Any], arrays: dict[str, torch.Tensor]) -> ArrayRecord:
         """Restore `state_dict()` after `initialize`; returns the global model `arrays`."""
-        maskable = {name: self.shapes[name] for name in self.maskable}
-        expected = {"arrays": (arrays, self.shapes), "strategy.masks": (state["masks"], maskable),
-                    "strategy.initial_masks": (state["initial_masks"], maskable),
-                    "strategy.explored": (state.get("explored", state["masks"]), maskable)}  # fmt: skip
-        for key, (tensors, shapes) in expected.items():
-            if shapes_of(tensors, list(tensors)) != shapes:
-                raise CheckpointError(
-                    f"checkpoint field '{key}' has shapes {shapes_of(tensors, list(tensors))}, the model {shapes}"
-                )
-        for key in ("m", "v"):
-            wrong = sorted(
-                n for n, t in state["optimizer"][key].items() if maskable.get(n, self.shapes.get(n)) != tuple(t.shape)
-            )
-            if wrong:
-                raise CheckpointError(
-                    f"checkpoint field 'strategy.optimizer.{key}' has tensors {wrong} not shaped like the model"
-                )
-        self.masks, self.initial_masks, self.mask_version = (
-            state["masks"],
-            state["initial_masks"],
-            state["mask_version"],
-        )
+        check_shapes(state, arrays, self.shapes, self.maskable, posterior=self.thompson is not None)
+        self.masks, self.mask_version = state["masks"], state["mask_version"]
+        self.movement = MaskMovement(state["initial_masks"])
         try:
             self.rng.setstate(state["rng"])
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"checkpoint field 'strategy.rng' is not a random.Random state ({err})") from err
         self.server_optimizer.m, self.server_optimizer.v = state["optimizer"]["m"], state["optimizer"]["v"]
-        self.explored = state.get("explored", self.masks)  # older checkpoints: from the resumed mask on
+        self.movement.explored = state.get("explored", self.masks)  # older checkpoints: from the resumed mask on
         if self.thompson is not None:
-            posterior = state.get("posterior") or {}
-            if set(posterior) != {"a", "b"} or any(
-                set(posterior[key]) - set(self.maskable)
-                or any(tuple(t.shape) != maskable[n] for n, t in posterior[key].items())
-                for key in ("a", "b")
-            ):
-                raise CheckpointError(
-                    "checkpoint field 'strategy.posterior' is not the thompson rule's posteriors over the masked layers"
-                )
-            self.thompson.load_state_dict(posterior)
+            self.thompson.load_state_dict(state["posterior"])
         return ArrayRecord(arrays)
 
     def sample(self, grid: Grid) -> list[int]:
@@ -364,8 +294,8 @@ class FedDST(ReplyGuard):
         self.stats = RoundStats(
             mask_version=self.mask_version,
             readjust_alpha=alpha_r,
-            mask_drift=self.drift(self.masks),
-            mask_explored=self.explored_fraction(),
+            mask_drift=self.movement.drift(self.masks),
+            mask_explored=self.movement.explored_fraction(),
         )
         config = ConfigRecord(
             {
@@ -453,36 +383,11 @@ class FedDST(ReplyGuard):
         masks = self.reconfigure(updates, masks, generator)
         apply_masks(state, masks)
         state = self.server_optimizer.step(self.global_state, state, masks, self.masks)
-        self.record_movement(masks, votes, len(updates))
-        self.masks = masks
-        return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)
-
-    def record_movement(self, masks: Masks, votes: Votes, num_updates: int) -> None:
-        """Mask statistics of this round's new global mask (its structure on readjustment
-        rounds); a changed mask gets a new version."""
-        entered, left = difference(masks, self.masks), difference(self.masks, masks)
-        self.stats.mask_entered = active(entered)
-        self.stats.mask_entered_units = units(entered)
-        self.stats.mask_drift = self.drift(masks)
-        self.explored = {name: self.explored[name] | mask for name, mask in masks.items()}
-        self.stats.mask_explored = self.explored_fraction()
-        if self.stats.readjust_alpha > 0:
-            self.stats.mask_structure = {name: structure(mask) for name, mask in masks.items()}
-            held = sum(int((votes.clients[name][mask] > 0).sum()) for name, mask in left.items())
-            self.stats.mask_leavers_held = held / max(active(left), 1)
-        if self.stats.mask_entered:
-            held = torch.cat([votes.clients[name][mask] for name, mask in entered.items()])
-            self.stats.mask_votes = torch.bincount(held, minlength=num_updates + 1).tolist()
+        if self.movement.record(self.stats, self.masks, masks, votes, len(updates)):
             self.mask_version += 1
         self.stats.mask_version = self.mask_version
-
-    def explored_fraction(self) -> float:
-        """R_s (Liu et al. 2021): the fraction of maskable positions ever in the global mask."""
-        return active(self.explored) / max(sum(mask.numel() for mask in self.explored.values()), 1)
-
-    def drift(self, masks: Masks) -> float:
-        """Fraction of the initial mask's positions that are not in `masks`."""
-        return active(difference(self.initial_masks, masks)) / max(active(self.initial_masks), 1)
+        self.masks = masks
+        return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)
 
     def _fail(self, node_id: int, reason: str, refused: bool = False) -> None:
         """Count a failure (refused: a reply that failed validation); the node gets the

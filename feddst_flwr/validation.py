@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
@@ -22,7 +22,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from . import protocol as P
-from .codec import DENSE_STYPE, CodecError, decode_dense, is_sparse
+from .codec import DENSE_STYPE, VALUE_DTYPES, CodecError, decode_dense, is_sparse
+from .mask_rules import MASK_RULES
+from .masks import DISTRIBUTIONS
+from .server_optimizer import ServerOptimizer
+
+if TYPE_CHECKING:
+    from .strategy import FedDST
 
 # kind, low, high (None: unbounded) of every metric a client reports; see `check_number`
 REPLY_METRICS: dict[str, tuple[type, float, float | None]] = {
@@ -245,3 +251,42 @@ def guarded(cls: type[Strategy]) -> type[Strategy]:
     """Flower's strategy `cls` behind ReplyGuard: `guarded(FedAvg)(fraction_train=0.5)`."""
     hooks = {"_configure_train": cls.configure_train, "_aggregate_train": cls.aggregate_train, "__module__": __name__}
     return type(f"Guarded{cls.__name__}", (ReplyGuard, cls), hooks)
+
+
+def whole(value: Any) -> bool:
+    """An int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def real(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_strategy_arguments(strategy: FedDST) -> None:
+    """Raise ValueError naming the first `FedDST` constructor argument out of its range."""
+    checks = [
+        (bool(strategy.maskable) and all(isinstance(n, str) for n in strategy.maskable), "maskable",
+         "a non-empty list of state-dict names"),
+        (real(strategy.sparsity) and 0.0 <= strategy.sparsity < 1.0, "sparsity", "in [0, 1)"),
+        (strategy.sparsity_distribution in DISTRIBUTIONS, "sparsity_distribution", f"one of {DISTRIBUTIONS}"),
+        (real(strategy.alpha) and 0.0 <= strategy.alpha <= 1.0, "alpha", "in [0, 1]"),
+        (whole(strategy.delta_r) and strategy.delta_r >= 1, "delta_r", "an int >= 1"),
+        (strategy.r_end is None or (whole(strategy.r_end) and strategy.r_end >= 0), "r_end", "None or an int >= 0"),
+        (real(strategy.fraction_train) and 0.0 < strategy.fraction_train <= 1.0, "fraction_train", "in (0, 1]"),
+        (whole(strategy.clients_per_round) and strategy.clients_per_round >= 0, "clients_per_round", "an int >= 0"),
+        (whole(strategy.min_train_nodes) and strategy.min_train_nodes >= 1, "min_train_nodes", "an int >= 1"),
+        (whole(strategy.min_available_nodes) and strategy.min_available_nodes >= 1, "min_available_nodes", "an int >= 1"),
+        (real(strategy.proximal_mu) and strategy.proximal_mu >= 0, "proximal_mu", ">= 0"),
+        (whole(strategy.min_votes) and strategy.min_votes >= 1, "min_votes", "an int >= 1"),
+        (strategy.mask_rule in MASK_RULES, "mask_rule", f"one of {MASK_RULES}"),
+        (real(strategy.min_fit_fraction) and 0.0 <= strategy.min_fit_fraction <= 1.0, "min_fit_fraction", "in [0, 1]"),
+        (whole(strategy.max_num_examples) and strategy.max_num_examples >= 1, "max_num_examples", "an int >= 1"),
+        (real(strategy.max_update_norm) and strategy.max_update_norm >= 0, "max_update_norm", ">= 0 (0: no bound)"),
+        (strategy.value_dtype in VALUE_DTYPES, "value_dtype", f"one of {tuple(VALUE_DTYPES)}"),
+        (whole(strategy.seed), "seed", "an int"),
+        (isinstance(strategy.server_optimizer, ServerOptimizer), "server_optimizer", "a ServerOptimizer or None"),
+    ]  # fmt: skip
+    for ok, name, expected in checks:
+        if not ok:
+            raise ValueError(f"{type(strategy).__name__}({name}={getattr(strategy, name)!r}): expected {expected}")

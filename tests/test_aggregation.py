@@ -26,7 +26,8 @@ import math
 import pytest
 import torch
 
-from feddst_flwr.aggregation import ClientUpdate, ServerOptimizer, aggregate, sparse_average
+from feddst_flwr.aggregation import ClientUpdate, aggregate, sparse_average
+from feddst_flwr.server_optimizer import ServerOptimizer
 
 NAN = float("nan")  # marks a pruned position in the tables below
 SHAPE = (2, 3)

@@ -102,7 +102,7 @@ def test_thompson_readjust_round_changes_at_most_alpha_r_of_each_layer(make_cfg)
     strategy = make_strategy(clients_per_round=3, delta_r=1, r_end=4, alpha=0.3, mask_rule="thompson")
     federation = Federation(make_cfg(), strategy=strategy, same_data=False)
     federation.round(1)
-    before = strategy.initial_masks
+    before = strategy.movement.initial
     alpha_r = M.readjust_alpha(1, 0.3, 1, 4)
     for name, mask in strategy.masks.items():
         assert int(mask.sum()) == strategy.counts[name]
@@ -137,7 +137,7 @@ def test_readjust_round_records_structure_explored_and_held_leavers(make_cfg):
     assert set(stats.mask_structure) == set(MASKABLE)
     assert stats.mask_structure[MASKABLE[0]] == M.structure(strategy.masks[MASKABLE[0]])
     total = sum(math.prod(SHAPES[n]) for n in MASKABLE)
-    ever = sum(int((strategy.initial_masks[n] | strategy.masks[n]).sum()) for n in MASKABLE)
+    ever = sum(int((strategy.movement.initial[n] | strategy.masks[n]).sum()) for n in MASKABLE)
     assert stats.mask_explored == pytest.approx(ever / total, rel=1e-12) and ever > M.active(strategy.masks)
     assert 0.0 <= stats.mask_leavers_held <= 1.0
 

@@ -143,7 +143,7 @@ def test_bitmask_only_to_nodes_lacking_the_current_version(federation):
 def test_mask_movement_statistics(federation):
     """mask-entered, -entered-units, -votes on a readjust round; drift from the initial mask."""
     strategy = federation.strategy
-    initial = strategy.initial_masks
+    initial = strategy.movement.initial
     federation.round(1)
     old = strategy.masks
     federation.round(2)  # readjust round
