@@ -31,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sim  # noqa: E402
-from feddst_flwr.config import ExperimentConfig  # noqa: E402
-from feddst_flwr.data import load_partition, load_raw  # noqa: E402
+from feddst_flwr.data import SPECS, load_partition, load_raw  # noqa: E402
 from feddst_flwr.masks import apply_masks, layer_counts, maskable_names, masks_to, random_masks, shapes_of  # noqa: E402
 from feddst_flwr.models import build_model  # noqa: E402
+from feddst_flwr.registry import load_config, partition_scheme  # noqa: E402
 from feddst_flwr.training import resolve_device, train  # noqa: E402
 
 
@@ -67,11 +67,11 @@ def simulation_round_times(config: dict, supernodes: int, home: Path) -> list[fl
 
 def bare_round_times(config: dict, supernodes: int) -> list[float]:
     """Per-round seconds of the same local work in one process, clients one after another."""
-    cfg = ExperimentConfig.from_run_config({**config, "run-name": "bare"})
+    cfg = load_config({**config, "run-name": "bare"})
     device = resolve_device(cfg.device)
     raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
-    scheme = cfg.partition_scheme(supernodes)
-    model = build_model(cfg.model, cfg.num_classes, cfg.seed).to(device)
+    scheme = partition_scheme(cfg, supernodes)
+    model = build_model(cfg.model, SPECS[cfg.dataset].num_classes, cfg.seed).to(device)
     state = model.state_dict()
     names = maskable_names(model)
     masks = random_masks(shapes_of(state, names), layer_counts(shapes_of(state, names), cfg.sparsity, "erk"), cfg.seed)

@@ -57,7 +57,10 @@ def sparse_average(updates: list[ClientUpdate], min_votes: int = 1) -> tuple[dic
     state, votes = {}, Votes({}, {})
     for name in updates[0].state:
         if name not in updates[0].masks:
-            state[name] = (sum(u.num_examples * u.state[name].double() for u in updates) / total).float()
+            weighted = torch.zeros(updates[0].state[name].shape, dtype=torch.float64)
+            for u in updates:  # in client order, as sum() adds
+                weighted += u.num_examples * u.state[name].double()
+            state[name] = (weighted / total).float()
             continue
         shape = updates[0].state[name].shape
         numerator = torch.zeros(shape.numel(), dtype=torch.float64)

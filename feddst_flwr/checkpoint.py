@@ -1,16 +1,20 @@
 """Checkpoint and resume: the server's state (global model, strategy, recorder) saved
-atomically to `<results-dir>/<run-name>/checkpoint.pt` every `checkpoint-every` rounds, and
-loaded, checked against the run config, when the run config says `resume = true`."""
+atomically to `<results-dir>/<run-name>/checkpoint.pt` every `checkpoint-every` rounds
+(`after_round`), and loaded, checked against the run config and the model, when the run config
+says `resume = true` (`resume_point`; the strategy restores its part in `start`)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
 from dataclasses import fields as fields_of
+from logging import INFO
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common import log
 
 from .grid import Traffic
 from .masks import shapes_of
@@ -31,14 +35,31 @@ RESUMABLE_CHANGES = (
 
 class RunConfig(Protocol):
     """What a checkpoint needs of the run config (ExperimentConfig): where the run writes,
-    how many rounds it has, and dataclass fields to fingerprint."""
+    how many rounds it has, when to checkpoint and whether to resume, and dataclass fields to
+    fingerprint."""
 
     __dataclass_fields__: ClassVar[dict[str, Any]]
     results_dir: str
     num_server_rounds: int
+    checkpoint_every: int
+    resume: bool
 
     @property
     def name(self) -> str: ...
+
+
+class Stateful(Protocol):
+    """A part of the server whose state a checkpoint holds (FedDST, RoundRecorder)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+class Recorder(Stateful, Protocol):
+    """The round recorder (metrics.RoundRecorder): Flower's evaluate_fn, restorable."""
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class CheckpointError(RuntimeError):
@@ -120,8 +141,14 @@ def _tensors(value: Any, field: str, dtype: torch.dtype | None = None) -> None:
             raise CheckpointError(f"checkpoint field '{field}.{name}' has dtype {tensor.dtype}, expected {dtype}")
 
 
-STRATEGY_FIELDS = {"masks": dict, "initial_masks": dict, "mask_version": int, "rng": tuple, "optimizer": dict}
-RECORDER_FIELDS = {"records": list, "cumulative": dict, "elapsed": (int, float)}
+STRATEGY_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "masks": dict,
+    "initial_masks": dict,
+    "mask_version": int,
+    "rng": tuple,
+    "optimizer": dict,
+}
+RECORDER_FIELDS: dict[str, type | tuple[type, ...]] = {"records": list, "cumulative": dict, "elapsed": (int, float)}
 
 
 def check_fields(fields: dict[str, Any]) -> None:
@@ -184,3 +211,24 @@ def check_shapes(
             raise CheckpointError(
                 "checkpoint field 'strategy.posterior' is not the thompson rule's posteriors over the masked layers"
             )
+
+
+def after_round(
+    cfg: RunConfig, strategy: Stateful, recorder: Recorder, server_round: int, arrays: ArrayRecord
+) -> MetricRecord:
+    """FedDST's evaluate_fn: record the round, then checkpoint every checkpoint-every rounds."""
+    metrics = recorder(server_round, arrays)
+    if cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0:
+        state = Checkpoint(server_round, arrays.to_torch_state_dict(), strategy.state_dict(), recorder.state_dict())
+        log(INFO, "checkpoint after round %d: %s", server_round, save_checkpoint(cfg, state))
+    return metrics
+
+
+def resume_point(cfg: RunConfig, recorder: Recorder) -> Checkpoint | None:
+    """With resume = true: the run's last checkpoint, the recorder restored from it (the
+    strategy restores its own part when `start` gets it); else None."""
+    if not cfg.resume:
+        return None
+    checkpoint = load_checkpoint(cfg)
+    recorder.load_state_dict(checkpoint.recorder)
+    return checkpoint

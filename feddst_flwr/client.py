@@ -54,7 +54,7 @@ def held_mask(state: RecordDict, shapes: dict[str, tuple[int, ...]]) -> HeldMask
     """The mask (and its version) stored in the node's Context state, if any."""
     if MASK_STATE_KEY not in state.array_records:
         return None
-    version = int(state.config_records[VERSION_STATE_KEY]["version"])
+    version = int(P.number(state.config_records[VERSION_STATE_KEY], "version"))
     return HeldMask(masks_from_record(state.array_records[MASK_STATE_KEY], shapes), version)
 
 
@@ -88,7 +88,7 @@ def receive(
     if not is_sparse(arrays):
         return decode(arrays, reference, [], None).state, None
     maskable = maskable_names(model)
-    version = int(round_config[P.MASK_VERSION])
+    version = int(P.number(round_config, P.MASK_VERSION))
     held = held_mask(node_state, shapes_of(initial, maskable))
     if not carries_mask(arrays) and (held is None or held.version != version):
         raise MissingMaskError(
@@ -106,7 +106,7 @@ def injected_failure(rate: float, seed: int, round_config: ConfigRecord, partiti
     drawn from (seed, round, partition-id), so a run's failures are reproducible."""
     if rate == 0:
         return False
-    return random.Random(f"{seed}:{round_config.get(P.SERVER_ROUND, 0)}:{partition_id}").random() < rate
+    return random.Random(f"{seed}:{int(P.number(round_config, P.SERVER_ROUND))}:{partition_id}").random() < rate
 
 
 def client_round(
@@ -123,21 +123,21 @@ def client_round(
     state, masks = receive(model, arrays, round_config, node_state)
     model.load_state_dict(state)
     local = LocalRound(
-        server_round=int(round_config[P.SERVER_ROUND]),
+        server_round=int(P.number(round_config, P.SERVER_ROUND)),
         masks=masks,
-        alpha_r=float(round_config.get(P.READJUST_ALPHA, 0.0)) if masks is not None else 0.0,
-        proximal_mu=float(round_config.get(P.PROXIMAL_MU, 0.0)),
-        upload_gradients=bool(round_config.get(P.UPLOAD_GRADIENTS, 0)),
+        alpha_r=float(P.number(round_config, P.READJUST_ALPHA)) if masks is not None else 0.0,
+        proximal_mu=float(P.number(round_config, P.PROXIMAL_MU)),
+        upload_gradients=bool(P.number(round_config, P.UPLOAD_GRADIENTS)),
     )
     result = train_fn(model, local)
     weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     local_masks = checked_masks(result, local, weights)
     gradients = checked_gradients(result, local, weights)
-    entered = active(difference(local_masks, masks)) if masks is not None else 0
-    sent = HeldMask(masks, int(round_config[P.MASK_VERSION])) if masks is not None else None  # the server holds it too
-    reply = ArrayRecord(weights)
-    if sent is not None:
-        reply = encode(weights, local_masks, entered > 0, arrays[next(iter(sent.masks))].dtype, sent)
+    entered, reply = 0, ArrayRecord(weights)
+    if masks is not None and local_masks is not None:  # a sparse round (checked_masks: masks for masks)
+        entered = active(difference(local_masks, masks))
+        sent = HeldMask(masks, int(P.number(round_config, P.MASK_VERSION)))  # the server holds it too
+        reply = encode(weights, local_masks, entered > 0, arrays[next(iter(masks))].dtype, sent)
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: result.num_examples,
@@ -145,7 +145,7 @@ def client_round(
             P.MASK_ENTERED: entered,
             P.UPLOAD_BYTES: payload_bytes(reply) + (payload_bytes(gradients) if gradients is not None else 0),
             P.DOWNLOAD_BYTES: payload_bytes(arrays),
-            **{key: round_config[key] for key in P.ECHOED if key in round_config},  # what this reply answers
+            **{key: int(P.number(round_config, key)) for key in P.ECHOED if key in round_config},  # what it answers
         }
     )
     return ClientResult(reply, metrics, gradients)
@@ -190,7 +190,8 @@ def checked_gradients(result: LocalResult, local: LocalRound, weights: dict[str,
     for name, gradient in result.gradients.items():
         if gradient.shape != weights[name].shape:
             raise ValueError(f"train_fn's gradient of '{name}' has shape {tuple(gradient.shape)}")
-    return ArrayRecord({name: result.gradients[name].detach().cpu() for name in local.masks})
+    gradients = result.gradients
+    return ArrayRecord(torch_state_dict={name: gradients[name].detach().cpu() for name in local.masks or {}})
 
 
 def train_reply(
@@ -202,12 +203,34 @@ def train_reply(
     """A ClientApp's whole train handler: decode the server's message (FedDST's sparse
     payload or a baseline's dense one) into `model`, run `train_fn`, and reply with the
     encoded update and its metrics. A message that fails validation, or values for a mask
-    this node does not hold, gets an error reply that says why. `node_state` is the
-    node's `context.state`, where the mask is kept between rounds."""
+    this node does not hold, gets an error reply that says why.
+
+    Parameters
+    ----------
+    msg : Message
+        The server's train message (records "arrays" and "config").
+    node_state : RecordDict
+        The node's `context.state`, where the mask is kept between rounds.
+    model : torch.nn.Module
+        A fresh model of the run's architecture; the message's weights are loaded into it.
+    train_fn : TrainFn
+        Local training, `train_fn(model, local) -> LocalResult`: `training.masked_sgd`, or
+        the user's own (it must keep pruned weights at zero and return a mask of the same
+        counts; see `LocalRound` and `LocalResult`).
+
+    Returns
+    -------
+    Message
+        The reply: the update (sparse values and, when it changed, the mask, in the dtype of
+        the values received) and its metrics, or an error reply that says why.
+    """
     if P.ARRAYS not in msg.content.array_records or P.CONFIG not in msg.content.config_records:
         return bad_message(msg, "it lacks the 'arrays' or the 'config' record")
     try:
-        result = client_round(model, msg.content[P.ARRAYS], msg.content[P.CONFIG], node_state, train_fn)
+        content = msg.content
+        result = client_round(
+            model, content.array_records[P.ARRAYS], content.config_records[P.CONFIG], node_state, train_fn
+        )
     except MissingMaskError as err:
         return Message(Error(code=P.MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
     except CodecError as err:

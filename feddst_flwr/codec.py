@@ -26,7 +26,7 @@ from .masks import Masks, Shapes
 VALUES_STYPE = "feddst.values"
 DENSE_STYPE = "numpy.ndarray"
 MASK_SUFFIX = ":mask"
-VALUE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+VALUE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 DEFAULT_VALUE_DTYPE = "float16"  # level with float32 in accuracy at half the bytes (docs/wire.md)
 DENSE_DTYPES = ("float32", "int64")  # what a torch state dict of our models holds (int64: BN counters)
 NPY_HEADER_LIMIT = 4096  # .npy header bytes allowed beyond the array data
@@ -114,7 +114,11 @@ def decode(record: ArrayRecord, reference: Shapes, maskable: list[str], held: He
         if name not in maskable:
             state[name] = decode_dense(name, record[name], shape)
             continue
-        mask = _decode_mask(name, record[name + MASK_SUFFIX], shape, held) if mask_sent else held.masks[name]
+        if mask_sent:
+            mask = _decode_mask(name, record[name + MASK_SUFFIX], shape, held)
+        else:
+            assert held is not None  # checked above
+            mask = held.masks[name]
         if tuple(mask.shape) != shape:
             raise CodecError(f"layer '{name}': held mask has shape {tuple(mask.shape)}, expected {shape}")
         state[name] = _decode_values(name, record[name], shape, mask)

@@ -29,7 +29,7 @@ def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
                 raise CodecError("no partition-id in the reply")
             value = reply.content.metric_records[P.METRICS].get(P.PARTITION_ID)
             check_number("reply metric", P.PARTITION_ID, value, int, 0, None)
-            order[node] = value
+            order[node] = int(P.number(reply.content.metric_records[P.METRICS], P.PARTITION_ID))
         except CodecError as err:
             log(WARNING, "node %d has no valid partition-id (%s): it is listed after the others", node, err)
     return order
@@ -63,7 +63,7 @@ def reported_bytes(metrics: MetricRecord, key: str) -> int:
         check_number("reply metric", key, value, int, 0, None)
     except CodecError:
         return 0
-    return value
+    return int(P.number(metrics, key))
 
 
 class GridWrapper(Grid):

@@ -275,7 +275,7 @@ def save_masks(path: Path, masks: Masks) -> None:
     for name, mask in masks.items():
         arrays[f"{name}:bits"] = np.packbits(mask.cpu().numpy().ravel())
         arrays[f"{name}:shape"] = np.array(mask.shape, dtype=np.int64)
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
 
 def load_masks(path: Path) -> Masks:

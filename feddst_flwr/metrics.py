@@ -10,6 +10,7 @@ from dataclasses import asdict
 from functools import partial
 from logging import INFO
 from pathlib import Path
+from typing import Any, ClassVar, Protocol, cast
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ from flwr.common import log
 from torch import nn
 
 from .aggregation import RoundStats
-from .config import ExperimentConfig
 from .data import TensorData, client_mean_accuracy
 from .grid import MeteredGrid, Traffic
 from .masks import MASKABLE_MODULES, Masks, densities, save_masks, total_density, weight_name
@@ -34,7 +34,7 @@ def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
 
     def count(name: str, module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         nonlocal macs
-        active = int(torch.count_nonzero(masks[name])) if name in masks else module.weight.numel()
+        active = int(torch.count_nonzero(masks[name])) if name in masks else cast(torch.Tensor, module.weight).numel()
         positions = 1 if isinstance(module, nn.Linear) else output[0, 0].numel()  # conv: output positions
         macs += active * positions
 
@@ -45,10 +45,25 @@ def forward_flops(model: nn.Module, masks: Masks | None = None) -> int:
     ]
     with torch.no_grad():
         model.eval()
-        model(torch.zeros(1, *model.input_shape, device=next(model.parameters()).device))
+        shape = cast(tuple[int, ...], model.input_shape)  # every model of models.py has one
+        model(torch.zeros(1, *shape, device=next(model.parameters()).device))
     for handle in hooks:
         handle.remove()
     return 2 * macs
+
+
+class RecordedRun(Protocol):
+    """What the recorder needs of the run config (ExperimentConfig): where it writes, the
+    device it evaluates on, when it evaluates, and dataclass fields for config.json."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    results_dir: str
+    device: str
+    eval_interval: int
+    num_server_rounds: int
+
+    @property
+    def name(self) -> str: ...
 
 
 class RoundRecorder:
@@ -58,7 +73,8 @@ class RoundRecorder:
 
     def __init__(
         self,
-        cfg: ExperimentConfig,
+        cfg: RecordedRun,
+        num_classes: int,
         model: nn.Module,
         test_data: TensorData,
         client_weights: np.ndarray,
@@ -67,6 +83,7 @@ class RoundRecorder:
         health: Callable[[], Health] = Health,
     ) -> None:
         self.cfg = cfg
+        self.num_classes = num_classes
         device = resolve_device(cfg.device)
         self.model = model.to(device)  # the server evaluates on the run's device
         self.test_data = test_data.to(device)
@@ -88,7 +105,7 @@ class RoundRecorder:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         record: dict = {"round": server_round}
         if server_round % self.cfg.eval_interval == 0 or server_round == self.cfg.num_server_rounds:
-            result = evaluate(self.model, self.test_data, self.cfg.num_classes)
+            result = evaluate(self.model, self.test_data, self.num_classes)
             record["test-loss"], record["test-accuracy"] = result.loss, result.accuracy
             record["client-mean-accuracy"] = client_mean_accuracy(result.class_accuracy, self.client_weights)
         record.update(self._traffic())

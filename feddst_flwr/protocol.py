@@ -3,6 +3,9 @@ record names, round-config keys, reply-metric keys, the partition-id query and t
 codes of replies. (Array stypes of the sparse payload are the codec's: codec.py,
 mask_coding.py.)"""
 
+from collections.abc import Mapping
+from typing import Any
+
 # Records of a message
 ARRAYS = "arrays"  # the model: dense (baselines) or FedDST's sparse payload
 CONFIG = "config"  # the server's round config
@@ -35,3 +38,27 @@ MISSING_MASK = "feddst-missing-mask"  # the reason of such a reply starts with t
 BAD_MESSAGE_CODE = 4002  # the node refused the server's message (the reason follows)
 INJECTED_FAILURE_CODE = 4003  # a failure drawn with probability client-failure-rate (fault tests)
 REJECTED_CODE = 4010  # the server refused the reply (the reason follows)
+
+
+def number(record: Mapping[str, Any], key: str, default: int | float = 0) -> int | float:
+    """The number under `key` of a config or metric record (`default` if absent). Callers
+    read records that validation has checked; anything else is a TypeError naming the key.
+
+    Parameters
+    ----------
+    record : Mapping[str, Any]
+        A ConfigRecord or MetricRecord.
+    key : str
+        One of the keys above.
+    default : int | float
+        The value of an absent key.
+
+    Returns
+    -------
+    int | float
+        The value, for the caller to convert with int() or float().
+    """
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"record key '{key}' holds {type(value).__name__} {value!r}, not a number")
+    return value

@@ -4,6 +4,7 @@ server that reconfigures the mask from the clients' dense squared gradients."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -61,11 +62,11 @@ class PruneFL(FedDST):
 
     def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
         """On reconfiguration rounds, the top importance sum(n_c g_c^2) / sum(n_c) per layer."""
-        reporting = [u for u in updates if u.gradients is not None]
+        reporting = [(u.num_examples, u.gradients) for u in updates if u.gradients is not None]
         if not reporting:
             return masks
-        total = sum(u.num_examples for u in reporting)
-        importance = {name: sum(u.num_examples * u.gradients[name] for u in reporting) / total for name in masks}
+        total = sum(n for n, _ in reporting)
+        importance = {name: cast(torch.Tensor, sum(n * g[name] for n, g in reporting)) / total for name in masks}
         return magnitude_prune(importance, None, self.counts, generator)
 
     def _decode_reply(self, reply: Message) -> ClientUpdate:

@@ -182,7 +182,8 @@ def _movement(seeds: list[Run]) -> str:
 
 def _optional(values: list[float | None]) -> str:
     """_spread of the values, or "-" if some run lacks them."""
-    return "-" if any(v is None for v in values) else _spread([float(v) for v in values], digits=3)
+    present = [v for v in values if v is not None]
+    return "-" if len(present) < len(values) else _spread(present, digits=3)
 
 
 def paired_by_round(ours: Run, theirs: Run, metric: str = METRIC) -> tuple[np.ndarray, np.ndarray]:

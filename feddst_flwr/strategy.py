@@ -407,7 +407,7 @@ class FedDST(ReplyGuard):
         """Decode one reply's sparse payload (ReplyGuard has checked its records and
         metrics); CodecError names the problem."""
         content = reply.content
-        num_examples = int(content.metric_records[P.METRICS][self.weighted_by_key])
+        num_examples = int(P.number(content.metric_records[P.METRICS], self.weighted_by_key))
         values = content.array_records[self.arrayrecord_key]
         for name in self.maskable:
             if name in values and values[name].dtype != self.value_dtype:

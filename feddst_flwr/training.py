@@ -111,7 +111,32 @@ def masked_sgd(
 ) -> TrainFn:
     """Our TrainFn: `train` on `data` with the round's options, FedDST's readjustment after
     readjust-at, PruneFL's gradients when asked. Data order and tie-breaking draw from
-    (seed, round, partition_id), so the clients of one round differ."""
+    (seed, round, partition_id), so the clients of one round differ.
+
+    Parameters
+    ----------
+    data : TensorData
+        The node's training partition.
+    epochs, batch_size, lr, momentum, weight_decay : int, int, float, float, float
+        Local SGD: E epochs of mini-batches (run config `local-epochs`, `batch-size`, `lr`,
+        `momentum`, `weight-decay`).
+    readjust_at : str (default: "mid")
+        When the client readjusts its mask on a readjustment round: "end" (the paper's, after
+        training), "last-epoch" or "mid" (within training; see `readjust_epoch`).
+    grow_batches : int (default: 1)
+        Mini-batches whose dense gradients rank the regrowth.
+    regrow : str (default: "gradient")
+        "gradient" (RigL) or "random" (SET); see `masks.prune_and_regrow`.
+    seed, partition_id : int
+        Seed the data order and tie-breaking with the round.
+    device : str (default: "auto")
+        "auto" (CUDA when available), "cpu" or "cuda".
+
+    Returns
+    -------
+    TrainFn
+        `train_fn(model, local) -> LocalResult`, for `client.train_reply`.
+    """
     readjust_after = readjust_epoch(readjust_at, epochs)
     if regrow not in REGROW:
         raise ValueError(f"regrow '{regrow}' not in {REGROW}")
@@ -177,7 +202,9 @@ def train(
                 loss = loss + proximal_mu / 2 * sum((params[n] - g).pow(2).sum() for n, g in global_params.items())
             loss.backward()
             for name, mask in masks.items():
-                params[name].grad.mul_(mask)
+                grad = params[name].grad
+                assert grad is not None  # every masked layer takes part in the loss
+                grad.mul_(mask)
             optimizer.step()
             apply_masks({name: params[name].data for name in masks}, masks)
             total += task_loss.item()
@@ -229,7 +256,9 @@ def dense_gradients(
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         for name in names:
-            grad = params[name].grad.detach()
+            grad = params[name].grad
+            assert grad is not None  # every masked layer takes part in the loss
+            grad = grad.detach()
             total[name] += grad * grad if squared else grad
     model.zero_grad()
     return total

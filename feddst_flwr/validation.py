@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
@@ -64,7 +64,7 @@ class Instruction:
     @classmethod
     def of(cls, message: Message) -> Instruction:
         config = message.content.config_records.get(P.CONFIG, ConfigRecord())
-        echo = {key: config[key] for key in P.ECHOED if key in config}
+        echo = {key: int(P.number(config, key)) for key in P.ECHOED if key in config}
         records = {P.ARRAYS} | ({P.GRADIENTS} if config.get(P.UPLOAD_GRADIENTS, 0) else set())
         arrays = message.content.array_records.get(P.ARRAYS, ArrayRecord())
         dense = {name: (a.dtype, tuple(a.shape)) for name, a in arrays.items() if a.stype == DENSE_STYPE}
@@ -159,14 +159,30 @@ class ReplyGuard(Strategy):
     """The guard around a strategy's training rounds: replies are checked against the
     instruction each node got, update-norm outliers are refused (max_update_norm), and a
     non-finite aggregate is discarded together with the strategy's state. A subclass
-    implements `_configure_train` and `_aggregate_train`; `guarded(cls)` does it for
-    Flower's strategies."""
+    implements `_configure_train` and `_aggregate_train` (where Flower's strategies implement
+    `configure_train` and `aggregate_train`, which the guard wraps: a subclass that overrides
+    those is a TypeError, as it would bypass the guard); `guarded(cls)` does it for Flower's
+    strategies."""
 
     max_num_examples: int = 1_000_000
     max_update_norm: float = 0.0  # multiple of the round's median update norm; 0: off
-    health: Health = Health()  # replaced every round (see configure_train)
-    _sent: dict[int, Message] = {}  # node id -> this round's instruction
-    _global: ArrayRecord = ArrayRecord()  # this round's global model
+    health: Health  # this round's (see configure_train)
+    _sent: dict[int, Message]  # node id -> this round's instruction
+    _global: ArrayRecord  # this round's global model
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ReplyGuard:
+        guard = super().__new__(cls)  # the round state of every instance, whatever its __init__
+        guard.health, guard._sent, guard._global = Health(), {}, ArrayRecord()
+        return guard
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("configure_train", "aggregate_train"):
+            if name in vars(cls):
+                raise TypeError(
+                    f"{cls.__name__} overrides {name}, which would bypass the reply guard: "
+                    f"override _{name} instead (ReplyGuard.{name} wraps it)"
+                )
 
     def _configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -238,16 +254,24 @@ class ReplyGuard(Strategy):
         its sparse updates after decoding them."""
         if self.max_update_norm <= 0:
             return replies
-        dense = [i for i, r in enumerate(replies) if not r.has_error() and not is_sparse(r.content[P.ARRAYS])]
+        dense = [
+            i for i, r in enumerate(replies) if not r.has_error() and not is_sparse(r.content.array_records[P.ARRAYS])
+        ]
         old = {name: array.numpy() for name, array in self._global.items()}
-        norms = [update_norm({n: a.numpy() for n, a in replies[i].content[P.ARRAYS].items()}, old) for i in dense]
+        norms = [
+            update_norm({n: a.numpy() for n, a in replies[i].content.array_records[P.ARRAYS].items()}, old)
+            for i in dense
+        ]
         for i, reason in zip(dense, outliers(norms, self.max_update_norm)):
             if reason is not None:
                 replies[i] = self.refuse(self._sent[replies[i].metadata.src_node_id], reason)
         return replies
 
 
-def guarded(cls: type[Strategy]) -> type[Strategy]:
+S = TypeVar("S", bound=Strategy)
+
+
+def guarded(cls: type[S]) -> type[S]:
     """Flower's strategy `cls` behind ReplyGuard: `guarded(FedAvg)(fraction_train=0.5)`."""
     hooks = {"_configure_train": cls.configure_train, "_aggregate_train": cls.aggregate_train, "__module__": __name__}
     return type(f"Guarded{cls.__name__}", (ReplyGuard, cls), hooks)

@@ -14,6 +14,7 @@ import torch
 from feddst_flwr.config import ExperimentConfig
 from feddst_flwr.data import TensorData
 from feddst_flwr.masks import Masks, layer_counts, maskable_names, random_masks
+from feddst_flwr.registry import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # client_app.py / server_app.py live at the repo root
@@ -60,7 +61,7 @@ def make_cfg(pyproject_config):
     def make(**overrides) -> ExperimentConfig:
         values = {"local_epochs": 1, **overrides}
         config = {**pyproject_config, **{k.replace("_", "-"): v for k, v in values.items()}}
-        return ExperimentConfig.from_run_config(config)
+        return load_config(config)
 
     return make
 

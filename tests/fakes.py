@@ -7,6 +7,7 @@ import torch
 from conftest import erk_masks, random_data
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
+from client_app import trainer
 from feddst_flwr import protocol as P
 from feddst_flwr.client import MissingMaskError, client_round
 from feddst_flwr.codec import HeldMask, carries_mask, decode, encode
@@ -42,7 +43,7 @@ class FakeGrid:
 
 def run_client(model, data, arrays, config, cfg, node_state, partition_id: int):
     """client_round with the run config's masked SGD on `data`."""
-    return client_round(model, arrays, config, node_state, cfg.trainer(data, partition_id))
+    return client_round(model, arrays, config, node_state, trainer(cfg, data, partition_id))
 
 
 def make_strategy(**overrides) -> FedDST:

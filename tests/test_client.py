@@ -233,11 +233,12 @@ def context(run_config, tmp_path) -> Context:
 
 
 def app_server(context: Context) -> Server:
-    from feddst_flwr.config import ExperimentConfig
+    from feddst_flwr.data import SPECS
     from feddst_flwr.models import build_model
+    from feddst_flwr.registry import load_config
 
-    cfg = ExperimentConfig.from_run_config(context.run_config)
-    return Server(build_model(cfg.model, cfg.num_classes, cfg.seed))
+    cfg = load_config(context.run_config)
+    return Server(build_model(cfg.model, SPECS[cfg.dataset].num_classes, cfg.seed))
 
 
 def instruction(arrays: ArrayRecord, config: ConfigRecord, node_id: int = 3) -> Message:
@@ -258,16 +259,16 @@ def test_client_app_missing_mask_gives_error_reply(client_app, context):
 
 @pytest.mark.usefixtures("task_identity")
 def test_client_app_trains_and_keeps_the_mask_in_context_state(client_app, context):
-    from feddst_flwr.config import ExperimentConfig
     from feddst_flwr.data import load_partition, load_raw
+    from feddst_flwr.registry import load_config, partition_scheme
 
     server = app_server(context)
     first = client_app.app(instruction(server.payload(True), round_config(1, version=0)), context)
     second = client_app.train(instruction(server.payload(False), round_config(2, version=0)), context)
 
-    cfg = ExperimentConfig.from_run_config(context.run_config)
+    cfg = load_config(context.run_config)
     raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
-    partition = load_partition(raw, cfg.partition_scheme(5), cfg.dataset, 0)
+    partition = load_partition(raw, partition_scheme(cfg, 5), cfg.dataset, 0)
     assert (cfg.dataset, cfg.partition) == ("digits", "pathological") and 0 < len(partition) < len(raw.y_train)
     for reply in (first, second):
         assert not reply.has_error()

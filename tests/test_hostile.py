@@ -430,3 +430,20 @@ def test_fuzzed_replies_are_refused_or_accepted_never_an_exception(make_cfg, nam
 @pytest.mark.parametrize("name", ALL)
 def test_fuzzed_replies_slow(make_cfg, name):
     fuzz_screen(make_cfg, name, 2500)
+
+
+def test_every_guard_has_its_own_round_state():
+    """A reply rejected by one strategy before any round is not counted by another."""
+    first, second = guarded(FedAvg)(), make_strategy()
+    first.reject(7, "hostile")
+    assert first.health.rejected == ["node 7: hostile"]
+    assert second.health.rejected == [] and guarded(FedAvg)().health.rejected == []
+    assert first._sent is not second._sent
+
+
+@pytest.mark.parametrize("method", ["configure_train", "aggregate_train"])
+def test_overriding_a_guarded_method_is_refused(method):
+    with pytest.raises(TypeError, match=f"overrides {method}, which would bypass the reply guard: override _{method}"):
+        type("Mine", (guarded(FedAvg),), {method: lambda self, *args: None})
+    with pytest.raises(TypeError, match=f"Mine overrides {method}"):
+        type("Mine", (type(make_strategy()),), {method: lambda self, *args: None})

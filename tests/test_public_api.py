@@ -3,6 +3,8 @@ and `train_reply` with the user's own model and train function."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import random_data
@@ -212,3 +214,49 @@ def test_feddst_rejects_a_bad_argument_by_name(argument, value):
 def test_prunefl_validates_like_feddst():
     with pytest.raises(ValueError, match=r"^PruneFL\(delta_r="):
         feddst_flwr.PruneFL(maskable=MASKABLE, delta_r=0)
+
+
+def runtime_imports() -> dict[str, set[str]]:
+    """The library's module graph: each module's relative imports outside `if` blocks
+    (TYPE_CHECKING imports are not run)."""
+    import ast
+
+    root = Path(__file__).parent.parent / "feddst_flwr"
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = path.with_suffix("").relative_to(root.parent).parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                submodules = {f"{target}.{a.name}" for a in node.names} & set(files)
+                deps |= submodules or ({target} & set(files))
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_the_import_graph_has_no_circle_and_config_is_a_schema():
+    graph = runtime_imports()
+    assert {"feddst_flwr.codec", "feddst_flwr.masks", "feddst_flwr.validation"} <= graph["feddst_flwr.strategy"]
+    done, active = set(), []
+
+    def visit(module: str) -> None:
+        assert module not in active, f"import circle: {' -> '.join(active[active.index(module) :] + [module])}"
+        if module in done:
+            return
+        active.append(module)
+        for dep in sorted(graph[module]):
+            visit(dep)
+        active.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    heavy = {m for m in graph if m.startswith("feddst_flwr.data")} | {
+        "feddst_flwr.models", "feddst_flwr.strategy", "feddst_flwr.registry", "feddst_flwr.prunefl"}  # fmt: skip
+    assert not graph["feddst_flwr.config"] & heavy

@@ -25,7 +25,7 @@ from feddst_flwr.codec import (
 )
 from feddst_flwr.masks import active, difference, hamming, layer_counts, units
 from feddst_flwr.prunefl import PruneFL
-from feddst_flwr.registry import build_strategy
+from feddst_flwr.registry import build_strategy, effective_server_lr
 from feddst_flwr.strategy import FedDST
 from feddst_flwr.validation import Instruction, ReplyGuard, check_reply
 
@@ -358,7 +358,7 @@ def test_build_strategy_baselines(make_cfg, name, cls):
 )  # fmt: skip
 def test_server_lr_defaults_per_optimizer(make_cfg, strategy, optimizer, server_lr, expected):
     cfg = make_cfg(strategy=strategy, server_optimizer=optimizer, server_lr=server_lr)
-    assert cfg.effective_server_lr == expected
+    assert effective_server_lr(cfg) == expected
     built = build_strategy(cfg, MASKABLE)
     if strategy == "feddst":
         assert (built.server_optimizer.kind, built.server_optimizer.lr) == (optimizer, expected)

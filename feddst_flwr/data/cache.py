@@ -71,9 +71,11 @@ def with_writer_test_split(raw: RawDataset, test_fraction: float, seed: int) -> 
     """FEMNIST has one split: hold out test_fraction of every writer's samples (seeded)."""
     rng = np.random.default_rng(seed)
     test = np.zeros(len(raw.y_train), dtype=bool)
-    for writer in np.unique(raw.writers):
-        own = rng.permutation(np.flatnonzero(raw.writers == writer))
+    writers = raw.writers
+    assert writers is not None  # natural partitions only, whose datasets have writers
+    for writer in np.unique(writers):
+        own = rng.permutation(np.flatnonzero(writers == writer))
         test[own[: int(round(test_fraction * len(own)))]] = True
     return RawDataset(
-        raw.x_train[~test], raw.y_train[~test], raw.x_train[test], raw.y_train[test], raw.writers[~test], raw.cache
+        raw.x_train[~test], raw.y_train[~test], raw.x_train[test], raw.y_train[test], writers[~test], raw.cache
     )

@@ -29,4 +29,4 @@ def from_hub(name: str) -> RawDataset:
     train = arrays(splits["train"])
     writers = np.asarray(splits["train"][spec.writer_key]) if spec.writer_key else None
     test = arrays(splits["test"]) if "test" in splits else (np.empty((0,), np.uint8), np.empty((0,), np.int64))
-    return RawDataset(*train, *test, writers)
+    return RawDataset(train[0], train[1], test[0], test[1], writers)

@@ -41,7 +41,9 @@ def from_tarball(tarball: Path) -> RawDataset:
         for member in archive:
             parts = Path(member.name).parts
             if member.isfile() and len(parts) >= 3 and parts[-3] in tree:
-                data = archive.extractfile(member).read()
+                extracted = archive.extractfile(member)  # a regular file (isfile): never None
+                assert extracted is not None
+                data = extracted.read()
                 tree[parts[-3]].setdefault(parts[-2], []).append((parts[-1], lambda data=data: data))
     return decode_tree(tree, tarball)
 

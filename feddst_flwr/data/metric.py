@@ -16,7 +16,7 @@ def client_test_weights(
     the client's own training label distribution. Rows sum to 1."""
     counts = np.stack([np.bincount(raw.y_train[p], minlength=num_classes) for p in parts]).astype(np.float64)
     if scheme.kind == "pathological":
-        counts = (counts > 0) * np.bincount(raw.y_test, minlength=num_classes)
+        counts = np.where(counts > 0, np.bincount(raw.y_test, minlength=num_classes), 0).astype(np.float64)
     return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-300)
 
 
