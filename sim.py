@@ -4,6 +4,7 @@ simulation engine on Ray), one after another; then the report.
     python sim.py NAME          # experiments/NAME.toml: run what is not finished yet, then report
     python sim.py report NAME   # report only
     python sim.py NAME --only A --only B   # only these strategies (e.g. arms split over worktrees)
+    python sim.py NAME --only A --seed 1   # only these seeds (repeatable; e.g. seeds split over worktrees)
     python sim.py gain OUT.png NAME [NAME ...] [--strategy S]   # S - randommask against sparsity
 
 An experiment file names a preset (conf/<preset>.toml), the strategies, the seeds and the
@@ -108,17 +109,25 @@ Runner = Callable[[dict, int, Path], None]  # (run config, num supernodes, FLWR_
 ATTEMPTS = 3  # a run that ends early (e.g. the SuperLink lost the run's heartbeat) is started again
 
 
-def run_experiment(experiment: Experiment, results: Path, runner: Runner, only: list[str] | None = None) -> None:
-    """Run every (strategy, seed) without a `done` marker (of the strategies in `only`, if
-    given); a run left unfinished (by an interruption, or ending early: then up to ATTEMPTS
+def run_experiment(
+    experiment: Experiment,
+    results: Path,
+    runner: Runner,
+    only: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> None:
+    """Run every (strategy, seed) without a `done` marker (of the strategies in `only` and the
+    seeds in `seeds`, if given); a run left unfinished (by an interruption, or ending early: then up to ATTEMPTS
     times) continues from its checkpoint if it has one (`checkpoint-every` > 0, FedDST
     family), else it is deleted and restarted."""
     unknown = sorted(set(only or []) - set(experiment.strategies))
     if unknown:
         raise ValueError(f"--only {unknown}: not strategies of {experiment.name} ({experiment.strategies})")
+    todo = [(s, k) for s, k in experiment.runs() if (not only or s in only) and (not seeds or k in seeds)]
+    if seeds and not todo:
+        raise ValueError(f"--seed {sorted(seeds)}: no run of {experiment.name} has these seeds")
     home = results / ".flwr-home"
     stop_superlink(home)  # an interrupted sim.py may have left a run going
-    todo = [(strategy, seed) for strategy, seed in experiment.runs() if not only or strategy in only]
     for index, (strategy, seed) in enumerate(todo, 1):
         run_dir = results / f"{strategy}-seed{seed}"
         if (run_dir / "done").exists():
@@ -279,6 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="+", metavar="[report] EXPERIMENT")
     parser.add_argument("--only", action="append", metavar="STRATEGY", help="run only this strategy (repeatable)")
+    parser.add_argument("--seed", action="append", type=int, help="run only this seed (repeatable)")
     parser.add_argument("--strategy", default="feddst", help="gain: the moving-mask arm (default feddst)")
     parsed = parser.parse_args()
     args = parsed.args
@@ -292,7 +302,7 @@ def main() -> None:
     experiment = Experiment.load(path)
     results = ROOT / "results" / experiment.name
     if not only_report:
-        run_experiment(experiment, results, flwr_run, parsed.only)
+        run_experiment(experiment, results, flwr_run, parsed.only, parsed.seed)
     print(write_report(results, experiment.caption, experiment.reference))
 
 

@@ -350,6 +350,15 @@ def test_only_runs_the_named_strategies_and_names_unknown_ones(tmp_path):
         sim.run_experiment(exp, results, runner, only=["fedprox"])
 
 
+def test_seed_runs_only_the_named_seeds_and_names_absent_ones(tmp_path):
+    exp, results = experiment(tmp_path), tmp_path / "results"
+    runner = FakeRunner()
+    sim.run_experiment(exp, results, runner, only=["fedavg"], seeds=[1])
+    assert runner.calls == ["fedavg-seed1"]
+    with pytest.raises(ValueError, match=r"--seed \[7\]: no run of exp has these seeds"):
+        sim.run_experiment(exp, results, runner, seeds=[7])
+
+
 def test_randommask_table_pairs_seeds_at_the_same_rounds(tmp_path):
     rounds = [0, 1, 2, 3, 4]
 
