@@ -260,3 +260,20 @@ def test_the_import_graph_has_no_circle_and_config_is_a_schema():
     heavy = {m for m in graph if m.startswith("feddst_flwr.data")} | {
         "feddst_flwr.models", "feddst_flwr.strategy", "feddst_flwr.registry", "feddst_flwr.prunefl"}  # fmt: skip
     assert not graph["feddst_flwr.config"] & heavy
+
+
+def test_the_fab_holds_the_apps_and_the_library_only():
+    """`flwr run .` packs a FAB from the repository: the committed records under results/ would
+    push it past Flower's 10 MiB limit, so pyproject's fab-include names the apps and the library."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    root = Path(__file__).resolve().parents[1]
+    fab = build_fab_from_disk(root)
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist()) - {"pyproject.toml", ".info/CONTENT"}
+    library = {str(p.relative_to(root)) for p in (root / "feddst_flwr").rglob("*.py")}
+    assert names == {"server_app.py", "client_app.py"} | library
+    assert len(fab) < FAB_MAX_SIZE
