@@ -33,9 +33,12 @@ FEDDST = {"num-server-rounds": 5, "delta-r": 2, "r-end": 5, "alpha": 0.2}
 pytestmark = pytest.mark.slow  # every test here runs `flwr run` (a SuperLink and Ray)
 
 
-def flwr_run(home: Path, results: Path, run_name: str, overrides: dict, preset: str = "") -> list[dict]:
+def flwr_run(
+    home: Path, results: Path, run_name: str, overrides: dict, preset: str = "", env: dict[str, str] | None = None
+) -> list[dict]:
     """Run the app with `flwr run --stream` (on a preset's settings if given, as
-    `--run-config conf/X.toml` would) and return its metrics.jsonl records."""
+    `--run-config conf/X.toml` would; with `env` added to the environment) and return its
+    metrics.jsonl records."""
     settings = {"clients-per-round": NODES, "results-dir": str(results), "run-name": run_name, **overrides}
     if preset:  # flwr takes a TOML file or key=value pairs, not both: write the merged file
         merged = {**tomllib.loads((ROOT / "conf" / f"{preset}.toml").read_text()), **settings}
@@ -43,20 +46,22 @@ def flwr_run(home: Path, results: Path, run_name: str, overrides: dict, preset: 
         Path(run_config).write_text(tomli_w.dumps(merged))
     else:
         run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-    done = flwr_stream(home, run_config)
+    done = flwr_stream(home, run_config, env)
     path = results / run_name / "metrics.jsonl"
     assert done.returncode == 0 and path.exists(), done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def flwr_stream(home: Path, run_config: str) -> subprocess.CompletedProcess:
-    """`flwr run --stream` of this app on the SuperLink of `home`; its output."""
+def flwr_stream(home: Path, run_config: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`flwr run --stream` of this app on the SuperLink of `home` (its ports and anything
+    else in `env` override the module's); its output."""
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": PORT,
         "FLWR_LOCAL_CONTROL_API_PORT": str(int(PORT) + 2),
+        **(env or {}),
     }
     flwr = Path(sys.executable).with_name("flwr")
     return subprocess.run(
@@ -68,14 +73,20 @@ def flwr_stream(home: Path, run_config: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def flwr_home(tmp_path_factory):
-    """FLWR_HOME with a 5-node local simulation; stops its SuperLink at the end."""
-    home = tmp_path_factory.mktemp("flwr-home")
+def local_federation(home: Path) -> Path:
+    """`home` as FLWR_HOME of a local simulation with NODES SuperNodes of one CPU each (no
+    `init-args`: Ray takes the machine's CPUs, or joins the cluster of `RAY_ADDRESS`)."""
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         f"options.num-supernodes = {NODES}\noptions.backend.client-resources.num-cpus = 1\n"
     )
+    return home
+
+
+@pytest.fixture(scope="module")
+def flwr_home(tmp_path_factory):
+    """FLWR_HOME with a 5-node local simulation; stops its SuperLink at the end."""
+    home = local_federation(tmp_path_factory.mktemp("flwr-home"))
     try:
         yield home
     finally:
