@@ -1,89 +1,87 @@
-"""A Ray cluster of several nodes on this machine (for the multi-node test and benchmark):
-one `ray start` per node, each with its own ports, temp folder and CPU count, all on
-127.0.0.1; stopped by process group, never with `ray stop` (which ends every Ray on the machine).
+"""Benchmark: the simulation on one Ray node versus a Ray cluster of two nodes on this machine
+(issue 29): the MNIST paper preset for a few rounds through `flwr run` with `RAY_ADDRESS` set,
+once on a single `ray start --head` node of 2 CPUs and once on a head and a second node of
+1 CPU each, alternating, printing the median seconds per round after the first two.
 
-The README's "Beyond one machine" gives the same commands for real machines.
+    python bench/ray_cluster.py [--supernodes 400] [--rounds 6] [--repeats 2]
+
+Both set-ups offer the same two ClientApp slots on the same two cores: the second node adds no
+cores, so the difference is the cost of spreading the actors over two raylets. The helpers
+(`LocalCluster`, `cluster_state`) also serve tests/test_ray_cluster.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-PORTS_PER_NODE = 50  # 10 for Ray's services, 40 for its worker processes
-HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from round_time import bench_config  # noqa: E402
+
+import sim  # noqa: E402
 
 
-def node_ports(base: int, index: int) -> dict[str, int]:
-    """The fixed ports of node `index` (0 is the head) in the block from `base`: Ray's
-    defaults (8265, 52365, ...) would collide between two nodes of one machine."""
-    first = base + PORTS_PER_NODE * index
-    ports = {
-        "node-manager-port": first + 1,
-        "object-manager-port": first + 2,
-        "dashboard-agent-listen-port": first + 3,
-        "dashboard-agent-grpc-port": first + 4,
-        "metrics-export-port": first + 5,
-        "runtime-env-agent-port": first + 6,
-        "min-worker-port": first + 10,
-        "max-worker-port": first + PORTS_PER_NODE - 1,
-    }
+def start_command(index: int, port: int, num_cpus: int, temp_dir: Path) -> list[str]:
+    """`ray start` of node `index`: the head (0) with its GCS on `port`, its Ray Client server and
+    dashboard on the next two (Ray's defaults, 10001 and 8265, would clash with another head on
+    the machine), or a node joining it. All nodes share `temp_dir`, which also keeps the
+    cluster's address out of /tmp/ray/ray_current_cluster, where any `ray.init()` on the
+    machine would find and join it."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    common = [f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     if index == 0:
-        ports |= {"port": first, "dashboard-port": first + 7, "ray-client-server-port": first + 8}
-    return ports
-
-
-def start_command(base: int, index: int, num_cpus: int, temp_dir: Path) -> list[str]:
-    """`ray start` of node `index`: the head (`--head`) or a worker joining it (`--address`)."""
-    role = ["--head", "--include-dashboard=false"] if index == 0 else ["--address", f"{HOST}:{base}"]
-    ports = [f"--{name}={port}" for name, port in node_ports(base, index).items()]
-    return [
-        str(Path(sys.executable).with_name("ray")), "start", *role, *ports, f"--num-cpus={num_cpus}",
-        f"--node-ip-address={HOST}", f"--temp-dir={temp_dir}", "--object-store-memory=200000000",
-        "--disable-usage-stats",
-    ]  # fmt: skip
+        ports = [f"--port={port}", f"--ray-client-server-port={port + 1}", f"--dashboard-port={port + 2}"]
+        return [ray, "start", "--head", *ports, "--include-dashboard=false", *common]
+    return [ray, "start", f"--address=127.0.0.1:{port}", *common]
 
 
 class LocalCluster:
-    """Ray nodes started with `ray start`, each in its own process group (the daemons it
-    leaves behind keep that group), so that `stop` ends exactly the processes started here.
+    """Ray nodes started with `ray start` on this machine, each in a session of its own (the
+    daemons it leaves behind keep its process group), so that `stop` ends exactly the processes
+    started here and no other Ray (`ray stop` would end every Ray on the machine).
 
     Parameters
     ----------
     num_nodes : int
-        Nodes to start: a head and `num_nodes - 1` workers.
-    base_port : int
-        First port of a free block of `num_nodes * PORTS_PER_NODE`; the head's GCS listens on it.
+        Nodes to start: a head and `num_nodes - 1` more.
+    port : int
+        First of 3 free ports: the head's GCS (the cluster's address), Ray Client, dashboard.
     num_cpus : int
         CPUs each node offers to Ray.
     """
 
-    def __init__(self, num_nodes: int, base_port: int, num_cpus: int = 1) -> None:
-        self.num_nodes, self.base_port, self.num_cpus = num_nodes, base_port, num_cpus
+    def __init__(self, num_nodes: int, port: int, num_cpus: int = 1) -> None:
+        self.num_nodes, self.port, self.num_cpus = num_nodes, port, num_cpus
         # short: Ray's socket paths under it must stay below the 107 characters of AF_UNIX
-        self.temp_root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
         self.groups: list[int] = []
 
     @property
     def address(self) -> str:
-        """The head's GCS address, as `RAY_ADDRESS` or `ray start --address` take it."""
-        return f"{HOST}:{self.base_port}"
+        """The head's GCS address, as `RAY_ADDRESS` and `ray start --address` take it."""
+        return f"127.0.0.1:{self.port}"
 
     def start(self) -> LocalCluster:
-        """Start the head, then the workers; raises with `ray start`'s output if one fails."""
+        """Start the head, then the other nodes; wait until all have joined. Raises with
+        `ray start`'s output if one fails."""
         for index in range(self.num_nodes):
-            command = start_command(self.base_port, index, self.num_cpus, self.temp_root / f"node{index}")
+            command = start_command(index, self.port, self.num_cpus, self.temp_dir)
             process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
             )
             self.groups.append(process.pid)
-            output, _ = process.communicate(timeout=120)
+            output, _ = process.communicate(timeout=180)
             if process.returncode:
                 raise RuntimeError(f"`{' '.join(command)}` failed ({process.returncode}):\n{output[-3000:]}")
         deadline = time.time() + 60
@@ -95,7 +93,7 @@ class LocalCluster:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every process group started here, SIGKILL what is left after `grace`
-        seconds (Ray's GCS outlives a SIGTERM once its raylet is gone), delete the temp folder."""
+        seconds, delete the temp folder."""
         for group in self.groups:
             _signal_group(group, signal.SIGTERM)
         deadline = time.time() + grace
@@ -104,7 +102,7 @@ class LocalCluster:
         for group in self.groups:
             _signal_group(group, signal.SIGKILL)
         self.groups = []
-        subprocess.run(["rm", "-rf", str(self.temp_root)], check=False)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -152,7 +150,7 @@ print(json.dumps({{"nodes": nodes, "actors": found}}))
 def cluster_state(address: str) -> dict[str, list[dict]]:
     """The cluster's live nodes (`node` id, `cpus`) and every actor its GCS knows, dead ones
     included (`class`, `node` id, `state`), read by a short driver of its own: the public
-    `ray.util.state` needs the full dashboard (`ray[default]`), which this install lacks."""
+    `ray.util.state` asks the dashboard's HTTP API, which needs `ray[default]` (not installed)."""
     done = subprocess.run(
         [sys.executable, "-c", STATE_SCRIPT.format(address=address)],
         capture_output=True, text=True, timeout=120,
@@ -160,3 +158,47 @@ def cluster_state(address: str) -> dict[str, list[dict]]:
     if done.returncode:
         raise RuntimeError(f"reading the state of the Ray cluster at {address} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def seconds_per_round(nodes: int, supernodes: int, rounds: int, port: int) -> float:
+    """Median seconds per round after the first two of the MNIST paper preset on a fresh local
+    cluster of `nodes` nodes sharing 2 CPUs."""
+    with tempfile.TemporaryDirectory(prefix="feddst-ray-cluster-") as folder:
+        config = {**bench_config(rounds, "cpu", Path(folder) / "results"), "run-name": f"nodes-{nodes}"}
+        home = Path(folder) / "flwr-home"
+        with LocalCluster(num_nodes=nodes, port=port, num_cpus=2 // nodes) as cluster:
+            os.environ["RAY_ADDRESS"] = cluster.address
+            try:
+                sim.flwr_run(config, supernodes, home)
+            finally:
+                sim.stop_superlink(home)
+                del os.environ["RAY_ADDRESS"]
+        path = Path(config["results-dir"]) / config["run-name"] / "metrics.jsonl"
+        wall = [json.loads(line)["wall-time"] for line in path.read_text().splitlines()]
+    times = [b - a for a, b in zip(wall, wall[1:])][:-1]  # the last round evaluates
+    return statistics.median(times[2:] or times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--supernodes", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each set-up, alternating")
+    parser.add_argument("--ray-port", type=int, default=26479, help="first of 3 free ports for the Ray head")
+    parser.add_argument("--superlink-port", type=int, default=39891, help="first of 3 free ports for the SuperLink")
+    args = parser.parse_args()
+    os.environ["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(args.superlink_port)
+    os.environ["FLWR_LOCAL_CONTROL_API_PORT"] = str(args.superlink_port + 2)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(args.repeats):
+        for nodes in times:
+            times[nodes].append(seconds_per_round(nodes, args.supernodes, args.rounds, args.ray_port))
+    print(f"\nMNIST paper preset, {args.supernodes} supernodes, {args.rounds} rounds, 20 clients a round, 2 CPUs")
+    print("| Ray nodes | CPUs per node | s per round (median after round 2), each run |")
+    print("|---|---|---|")
+    for nodes, values in times.items():
+        print(f"| {nodes} | {2 // nodes} | {', '.join(f'{value:.2f}' for value in values)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -76,6 +76,7 @@ def flwr_stream(home: Path, run_config: str, env: dict[str, str] | None = None) 
 def local_federation(home: Path) -> Path:
     """`home` as FLWR_HOME of a local simulation with NODES SuperNodes of one CPU each (no
     `init-args`: Ray takes the machine's CPUs, or joins the cluster of `RAY_ADDRESS`)."""
+    home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         f"options.num-supernodes = {NODES}\noptions.backend.client-resources.num-cpus = 1\n"

@@ -5,6 +5,7 @@ nodes, and the run equals the same seed on a single-node simulation."""
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,16 +20,16 @@ from ray_cluster import LocalCluster, cluster_state  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two Ray nodes and two `flwr run`s
 
-RAY_PORT = free_ports(26379, 100)  # the head's GCS and both nodes' other ports, away from Ray's defaults
+RAY_PORT = free_ports(26379, 3)  # the head's GCS, Ray Client and dashboard, away from Ray's defaults
 SUPERLINK_PORTS = {"cluster": free_ports(39691, 3), "single": free_ports(39791, 3)}
-RUN = {"num-server-rounds": 3, "clients-per-round": 4, "local-epochs": 2, "delta-r": 1, "r-end": 3, "alpha": 0.2,
+RUN = {"num-server-rounds": 3, "clients-per-round": 4, "local-epochs": 1, "delta-r": 1, "r-end": 3, "alpha": 0.2,
        "checkpoint-every": 3, "seed": 3}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A head and a second node of one CPU each; every process they started is stopped at the end."""
-    with LocalCluster(num_nodes=2, base_port=RAY_PORT, num_cpus=1) as started:
+    with LocalCluster(num_nodes=2, port=RAY_PORT, num_cpus=1) as started:
         yield started
 
 
@@ -44,8 +45,11 @@ def run(mode: str, home: Path, results: Path, extra_env: dict[str, str]) -> list
 
 
 def test_clients_spread_over_both_nodes_and_the_run_equals_one_node(cluster, tmp_path):
-    on_cluster = run("cluster", tmp_path / "home-cluster", tmp_path, {"RAY_ADDRESS": cluster.address})
-    single = run("single", tmp_path / "home-single", tmp_path, {"RAY_ADDRESS": ""})  # a Ray of its own
+    with ThreadPoolExecutor(2) as pool:  # side by side: each waits mostly on its own start-up
+        joined = pool.submit(run, "cluster", tmp_path / "home-cluster", tmp_path, {"RAY_ADDRESS": cluster.address})
+        # "local": a Ray of its own, even where a `ray start` cluster is this machine's default
+        alone = pool.submit(run, "single", tmp_path / "home-single", tmp_path, {"RAY_ADDRESS": "local"})
+        on_cluster, single = joined.result(), alone.result()
     state = cluster_state(cluster.address)
     nodes = {node["node"] for node in state["nodes"]}
     assert len(nodes) == 2 and all(node["cpus"] == 1 for node in state["nodes"])
