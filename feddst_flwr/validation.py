@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
@@ -26,9 +26,6 @@ from .codec import DENSE_STYPE, VALUE_DTYPES, CodecError, decode_dense, is_spars
 from .mask_rules import MASK_RULES
 from .masks import DISTRIBUTIONS
 from .server_optimizer import ServerOptimizer
-
-if TYPE_CHECKING:
-    from .strategy import FedDST
 
 # kind, low, high (None: unbounded) of every metric a client reports; see `check_number`
 REPLY_METRICS: dict[str, tuple[type, float, float | None]] = {
@@ -287,8 +284,12 @@ def real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_strategy_arguments(strategy: FedDST) -> None:
-    """Raise ValueError naming the first `FedDST` constructor argument out of its range."""
+def check_strategy_arguments(strategy: Any) -> None:
+    """Raise ValueError naming the first `FedDST` constructor argument out of its range.
+
+    `strategy` is a FedDST (or a subclass) whose `__init__` has set its arguments as attributes;
+    typed `Any` because the point is to check values of any type (and so that validation does not
+    import the strategy it validates)."""
     checks = [
         (bool(strategy.maskable) and all(isinstance(n, str) for n in strategy.maskable), "maskable",
          "a non-empty list of state-dict names"),
