@@ -5,6 +5,7 @@ for any ClientApp: its model, its TrainFn (`training.masked_sgd` or its own)."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from logging import ERROR
@@ -35,6 +36,19 @@ VERSION_STATE_KEY = "feddst-mask-version"
 
 class MissingMaskError(RuntimeError):
     """The server sent values for a mask version this node does not hold."""
+
+
+class TrainFnError(ValueError):
+    """The node's train function broke the TrainFn contract (see `training.TrainFn`);
+    `train_reply` answers with an error reply of code `code` and this message."""
+
+    code = P.TRAIN_CONTRACT_CODE
+
+
+class TrainingDivergedError(TrainFnError):
+    """The node's train function returned non-finite weights, gradients or loss."""
+
+    code = P.TRAIN_DIVERGED_CODE
 
 
 @dataclass
@@ -131,6 +145,8 @@ def client_round(
     )
     result = train_fn(model, local)
     weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    check_weights(weights, state)
+    check_result(result)
     local_masks = checked_masks(result, local, weights)
     gradients = checked_gradients(result, local, weights)
     entered, reply = 0, ArrayRecord(weights)
@@ -151,46 +167,89 @@ def client_round(
     return ClientResult(reply, metrics, gradients)
 
 
+def check_weights(weights: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -> None:
+    """The model a TrainFn trained: finite (else TrainingDivergedError), with the names,
+    dtypes and shapes of the model the server sent (else TrainFnError), naming the weight."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingDivergedError(f"train_fn returned non-finite weights in '{name}': training diverged")
+    if list(weights) != list(sent):
+        raise TrainFnError(f"train_fn changed the model's weights from {list(sent)} to {list(weights)}")
+    for name, tensor in weights.items():
+        if tensor.dtype != sent[name].dtype or tensor.shape != sent[name].shape:
+            raise TrainFnError(
+                f"train_fn changed '{name}' to {tensor.dtype} of shape {tuple(tensor.shape)}; "
+                f"the server sent {sent[name].dtype} of shape {tuple(sent[name].shape)}"
+            )
+
+
+def check_result(result: object) -> None:
+    """A TrainFn's return value: a LocalResult whose `num_examples` is an int >= 1 and whose
+    `loss` is a float >= 0, finite (else TrainingDivergedError)."""
+    if not isinstance(result, LocalResult):
+        raise TrainFnError(f"train_fn returned {type(result).__name__}, not a LocalResult")
+    loss = result.loss
+    if isinstance(loss, float) and not math.isfinite(loss):
+        raise TrainingDivergedError(f"train_fn returned a non-finite loss ({loss}): training diverged")
+    try:
+        check_number("train_fn's LocalResult", "num_examples", result.num_examples, int, 1, None)
+        check_number("train_fn's LocalResult", "loss", loss, float, 0.0, None)
+    except CodecError as err:
+        raise TrainFnError(str(err)) from err
+
+
 def checked_masks(result: LocalResult, local: LocalRound, weights: dict[str, torch.Tensor]) -> Masks | None:
     """The mask the node trained under (on the CPU), checked against the TrainFn contract:
-    the layers and per-layer counts of the mask sent, no weight left outside it."""
+    the layers and per-layer counts of the mask sent, moved only on a readjust round, no
+    weight left outside it. A violation is a TrainFnError naming the layer."""
     if local.masks is None:
         return None
-    if result.masks is None or local.alpha_r == 0:
-        if result.masks is not None and hamming(masks_to(result.masks, "cpu"), local.masks):
-            raise ValueError("train_fn moved the mask on a round without readjustment (alpha_r = 0)")
-        masks = local.masks
-    else:
-        masks = masks_to(result.masks, "cpu")
+    returned = result.masks
+    if returned is not None and not (
+        isinstance(returned, dict) and all(isinstance(mask, torch.Tensor) for mask in returned.values())
+    ):
+        raise TrainFnError(f"train_fn returned masks of type {type(returned).__name__}, not a dict of bool tensors")
+    masks = local.masks if returned is None else masks_to(returned, "cpu")
     if set(masks) != set(local.masks):
-        raise ValueError(f"train_fn returned masks for {sorted(masks)}, the server's mask covers {sorted(local.masks)}")
+        raise TrainFnError(
+            f"train_fn returned masks for {sorted(masks)}, the server's mask covers {sorted(local.masks)}"
+        )
     for name, mask in masks.items():
         sent = local.masks[name]
         if mask.dtype != torch.bool or mask.shape != sent.shape or int(mask.sum()) != int(sent.sum()):
-            raise ValueError(
+            raise TrainFnError(
                 f"train_fn's mask of '{name}' must be bool of shape {tuple(sent.shape)} with {int(sent.sum())} "
                 "active weights, like the server's (readjustment regrows as many as it prunes)"
             )
+    if local.alpha_r == 0 and hamming(masks, local.masks):
+        raise TrainFnError("train_fn moved the mask on a round without readjustment (alpha_r = 0)")
+    for name, mask in masks.items():
         outside = int(torch.count_nonzero(weights[name][~mask]))
         if outside:
-            raise ValueError(
+            raise TrainFnError(
                 f"train_fn left {outside} nonzero weights outside the mask in '{name}' "
                 "(multiply the gradients by the mask, or re-apply it after each step)"
             )
-    return masks
+    return local.masks if local.alpha_r == 0 else masks
 
 
 def checked_gradients(result: LocalResult, local: LocalRound, weights: dict[str, torch.Tensor]) -> ArrayRecord | None:
-    """PruneFL's squared gradients, when the server asked for them: one per masked layer."""
+    """PruneFL's squared gradients, when the server asked for them: one finite tensor of its
+    weight's shape per masked layer (else TrainFnError, or TrainingDivergedError)."""
     if not local.upload_gradients:
         return None
     expected = sorted(local.masks or {})
-    if result.gradients is None or sorted(result.gradients) != expected:
-        raise ValueError(f"the server asked for gradients of {expected} (PruneFL); train_fn returned none or others")
-    for name, gradient in result.gradients.items():
-        if gradient.shape != weights[name].shape:
-            raise ValueError(f"train_fn's gradient of '{name}' has shape {tuple(gradient.shape)}")
     gradients = result.gradients
+    if not isinstance(gradients, dict) or sorted(gradients) != expected:
+        raise TrainFnError(f"the server asked for gradients of {expected} (PruneFL); train_fn returned none or others")
+    for name, gradient in gradients.items():
+        if not isinstance(gradient, torch.Tensor) or gradient.shape != weights[name].shape:
+            shape = tuple(gradient.shape) if isinstance(gradient, torch.Tensor) else type(gradient).__name__
+            raise TrainFnError(
+                f"train_fn's gradient of '{name}' is {shape}, not a tensor of shape {tuple(weights[name].shape)}"
+            )
+        if not bool(torch.isfinite(gradient).all()):
+            raise TrainingDivergedError(f"train_fn returned non-finite gradients of '{name}': training diverged")
     return ArrayRecord(torch_state_dict={name: gradients[name].detach().cpu() for name in local.masks or {}})
 
 
@@ -202,8 +261,10 @@ def train_reply(
 ) -> Message:
     """A ClientApp's whole train handler: decode the server's message (FedDST's sparse
     payload or a baseline's dense one) into `model`, run `train_fn`, and reply with the
-    encoded update and its metrics. A message that fails validation, or values for a mask
-    this node does not hold, gets an error reply that says why.
+    encoded update and its metrics. A message that fails validation, values for a mask
+    this node does not hold, and a `train_fn` that breaks its contract or diverges (NaN or
+    inf weights, gradients or loss) get an error reply that says why, with its own code
+    (`protocol.py`); nothing `train_reply` checks escapes as an exception.
 
     Parameters
     ----------
@@ -222,7 +283,8 @@ def train_reply(
     -------
     Message
         The reply: the update (sparse values and, when it changed, the mask, in the dtype of
-        the values received) and its metrics, or an error reply that says why.
+        the values received) and its metrics, or an error reply that says why (code
+        `BAD_MESSAGE_CODE`, `MISSING_MASK_CODE`, `TRAIN_CONTRACT_CODE` or `TRAIN_DIVERGED_CODE`).
     """
     if P.ARRAYS not in msg.content.array_records or P.CONFIG not in msg.content.config_records:
         return bad_message(msg, "it lacks the 'arrays' or the 'config' record")
@@ -235,6 +297,9 @@ def train_reply(
         return Message(Error(code=P.MISSING_MASK_CODE, reason=str(err)), reply_to=msg)
     except CodecError as err:
         return bad_message(msg, str(err))
+    except TrainFnError as err:
+        log(ERROR, "the train function failed its round: %s", err)
+        return Message(Error(code=err.code, reason=str(err)), reply_to=msg)
     return Message(result.content(), reply_to=msg)
 
 

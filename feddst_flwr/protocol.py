@@ -37,6 +37,8 @@ MISSING_MASK_CODE = 4001  # the node lacks the mask version it was sent values f
 MISSING_MASK = "feddst-missing-mask"  # the reason of such a reply starts with this
 BAD_MESSAGE_CODE = 4002  # the node refused the server's message (the reason follows)
 INJECTED_FAILURE_CODE = 4003  # a failure drawn with probability client-failure-rate (fault tests)
+TRAIN_DIVERGED_CODE = 4004  # the node's train function returned non-finite weights, gradients or loss
+TRAIN_CONTRACT_CODE = 4005  # the node's train function broke the TrainFn contract (the reason names how)
 REJECTED_CODE = 4010  # the server refused the reply (the reason follows)
 
 

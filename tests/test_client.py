@@ -4,6 +4,7 @@ directly) and for the ClientApp's train handler in client_app.py."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -343,6 +344,16 @@ def test_client_app_replies_with_an_error_to_a_bad_message(client_app, context):
     config_only = Message(RecordDict({"config": round_config(1)}), message_type=MessageType.TRAIN, dst_node_id=3)
     reply = client_app.app(config_only, context)
     assert reply.has_error() and reply.error.code == P.BAD_MESSAGE_CODE and "'arrays'" in reply.error.reason
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_app_answers_a_diverged_training_with_an_error_reply(client_app, context):
+    """Masked SGD with lr = 1e30 diverges: the ClientApp replies with code 4004 naming the
+    first non-finite weight, instead of raising (or blaming the mask)."""
+    context.run_config["lr"] = 1e30
+    reply = client_app.app(instruction(app_server(context).payload(True), round_config(1)), context)
+    assert reply.has_error() and reply.error.code == P.TRAIN_DIVERGED_CODE
+    assert re.fullmatch(r"train_fn returned non-finite weights in '[\w.]+': training diverged", reply.error.reason)
 
 
 def test_injected_failures_are_reproducible_and_at_the_configured_rate(make_cfg):

@@ -3,12 +3,14 @@ and `train_reply` with the user's own model and train function."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_data
-from fakes import MASKABLE, Server, new_model, round_config
+from fakes import MASKABLE, SHAPES, Server, new_model, round_config
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from torch.nn import functional as F
 
@@ -115,46 +117,170 @@ def test_masked_sgd_is_a_train_fn_for_train_reply():
     assert all(int(decoded.masks[n].sum()) == server.counts[n] for n in server.masks)
 
 
-def test_weights_left_outside_the_mask_are_an_error_naming_the_layer():
-    server, data = Server(new_model()), random_data()
-    with pytest.raises(ValueError, match=r"nonzero weights outside the mask in '.*weight'"):
-        feddst_flwr.train_reply(
-            message(server.payload(True), round_config(1)), RecordDict(), new_model(), own_train(data, leak=True)
-        )
+def answer(train_fn, config: ConfigRecord | None = None) -> Message:
+    """train_reply's answer to a sparse round (the mask sent in full) trained by `train_fn`."""
+    server = Server(new_model())
+    return feddst_flwr.train_reply(
+        message(server.payload(True), config or round_config(5)), RecordDict(), new_model(), train_fn
+    )
 
 
-def test_a_mask_with_other_counts_is_an_error():
-    server, data = Server(new_model()), random_data()
+def trained_then(change, *, readjust: bool = False):
+    """`own_train`, then `change(model, result)` (which may replace the result)."""
+    train_fn = own_train(random_data(), readjust=readjust)
 
-    def grows_one(model, local):
-        masks = {name: mask.clone() for name, mask in local.masks.items()}
-        name = MASKABLE[1]
-        masks[name].view(-1)[torch.nonzero(~masks[name].view(-1))[0]] = True
-        return LocalResult(len(data), 0.0, masks)
+    def changed(model, local):
+        result = train_fn(model, local)
+        with torch.no_grad():
+            return change(model, result) or result
 
-    with pytest.raises(ValueError, match=rf"mask of '{MASKABLE[1]}' must be bool .* active weights"):
-        feddst_flwr.train_reply(
-            message(server.payload(True), round_config(5, alpha=0.2)), RecordDict(), new_model(), grows_one
-        )
+    return changed
 
 
-def test_moving_the_mask_without_readjustment_is_an_error():
-    server, data = Server(new_model()), random_data()
-    train_fn = own_train(data, readjust=True)
-
-    def moves(model, local):
-        return train_fn(model, LocalRound(local.server_round, local.masks, alpha_r=0.2))
-
-    with pytest.raises(ValueError, match="moved the mask on a round without readjustment"):
-        feddst_flwr.train_reply(message(server.payload(True), round_config(5)), RecordDict(), new_model(), moves)
+def grows_one(model, local):
+    masks = {name: mask.clone() for name, mask in local.masks.items()}
+    masks[MASKABLE[1]].view(-1)[torch.nonzero(~masks[MASKABLE[1]].view(-1))[0]] = True
+    return LocalResult(8, 0.0, masks)
 
 
-def test_gradients_asked_by_prunefl_and_not_returned_are_an_error():
-    server, data = Server(new_model()), random_data()
+def moves(model, local):
+    return own_train(random_data(), readjust=True)(model, LocalRound(local.server_round, local.masks, alpha_r=0.2))
+
+
+def upload_gradients() -> ConfigRecord:
     config = round_config(2)
     config[P.UPLOAD_GRADIENTS] = 1
-    with pytest.raises(ValueError, match="asked for gradients"):
-        feddst_flwr.train_reply(message(server.payload(True), config), RecordDict(), new_model(), own_train(data))
+    return config
+
+
+def as_double(model, result):
+    model.double()
+
+
+def inf_bias(model, result):
+    model.fc1.bias.fill_(float("inf"))
+
+
+NAN_GRADIENTS = trained_then(
+    lambda model, result: LocalResult(
+        result.num_examples, result.loss, None, {n: torch.full(SHAPES[n], float("nan")) for n in MASKABLE}
+    )
+)
+CONTRACT_VIOLATIONS = {  # train_fn, round config, the error reply's reason (a regex)
+    "weights outside the mask": (
+        own_train(random_data(), leak=True),
+        None,
+        rf"^train_fn left \d+ nonzero weights outside the mask in '{MASKABLE[1]}' \(multiply the gradients",
+    ),
+    "a mask with another count": (
+        grows_one,
+        round_config(5, alpha=0.2),
+        rf"^train_fn's mask of '{MASKABLE[1]}' must be bool of shape \(16, 8, 3, 3\) with \d+ active weights",
+    ),
+    "masks of other layers": (
+        trained_then(lambda model, result: LocalResult(8, 0.0, {MASKABLE[0]: torch.ones(SHAPES[MASKABLE[0]]) > 0})),
+        round_config(5, alpha=0.2),
+        rf"^train_fn returned masks for \['{MASKABLE[0]}'\], the server's mask covers",
+    ),
+    "masks not a dict": (
+        trained_then(lambda model, result: LocalResult(8, 0.0, [])),  # type: ignore[arg-type]
+        round_config(5, alpha=0.2),
+        r"^train_fn returned masks of type list, not a dict of bool tensors$",
+    ),
+    "a moved mask without readjustment": (
+        moves,
+        None,
+        r"^train_fn moved the mask on a round without readjustment \(alpha_r = 0\)$",
+    ),
+    "no gradients for PruneFL": (
+        own_train(random_data()),
+        upload_gradients(),
+        r"^the server asked for gradients of \[.*\] \(PruneFL\); train_fn returned none or others$",
+    ),
+    "a gradient of another shape": (
+        trained_then(
+            lambda model, result: LocalResult(8, 0.0, None, {n: torch.zeros(SHAPES[n])[:1] for n in MASKABLE})
+        ),
+        upload_gradients(),
+        rf"^train_fn's gradient of '{MASKABLE[0]}' is \(1, 1, 3, 3\), not a tensor of shape \(8, 1, 3, 3\)$",
+    ),
+    "not a LocalResult": (
+        trained_then(lambda model, result: (result.num_examples, result.loss)),
+        None,
+        r"^train_fn returned tuple, not a LocalResult$",
+    ),
+    "no examples": (
+        trained_then(lambda model, result: LocalResult(0, result.loss)),
+        None,
+        r"^train_fn's LocalResult 'num_examples' = 0: expected in \[1, inf\]$",
+    ),
+    "a numpy loss": (
+        trained_then(lambda model, result: LocalResult(8, np.float32(0.5))),  # type: ignore[arg-type]
+        None,
+        r"^train_fn's LocalResult 'loss' = np.float32\(0.5\): expected float$",
+    ),
+    "a double model": (
+        trained_then(as_double),
+        None,
+        r"^train_fn changed 'conv1.weight' to torch.float64 of shape \(8, 1, 3, 3\); the server sent torch.float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("violation", CONTRACT_VIOLATIONS, ids=list(CONTRACT_VIOLATIONS))
+def test_a_train_fn_that_breaks_the_contract_gets_an_error_reply_naming_how(violation):
+    train_fn, config, reason = CONTRACT_VIOLATIONS[violation]
+    reply = answer(train_fn, config)
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == P.TRAIN_CONTRACT_CODE
+    assert re.search(reason, reply.error.reason), reply.error.reason
+
+
+def nan_in(name: str, where: str):
+    """Set the weights of `name` to NaN: all of them, or only those outside the mask."""
+
+    def change(model, result):
+        weight = model.state_dict()[name]
+        weight[weight == 0 if where == "outside" else torch.ones_like(weight, dtype=torch.bool)] = float("nan")
+
+    return trained_then(change)
+
+
+DIVERGED = {  # train_fn, round config, the error reply's reason (exact)
+    "NaN weights (before: 'nonzero outside the mask')": (
+        nan_in(MASKABLE[1], "all"),
+        None,
+        f"train_fn returned non-finite weights in '{MASKABLE[1]}': training diverged",
+    ),
+    "NaN only outside the mask": (
+        nan_in(MASKABLE[2], "outside"),
+        None,
+        f"train_fn returned non-finite weights in '{MASKABLE[2]}': training diverged",
+    ),
+    "an inf bias": (
+        trained_then(inf_bias),
+        None,
+        "train_fn returned non-finite weights in 'fc1.bias': training diverged",
+    ),
+    "a NaN loss": (
+        trained_then(lambda model, result: LocalResult(result.num_examples, float("nan"))),
+        None,
+        "train_fn returned a non-finite loss (nan): training diverged",
+    ),
+    "NaN gradients for PruneFL": (
+        NAN_GRADIENTS,
+        upload_gradients(),
+        f"train_fn returned non-finite gradients of '{MASKABLE[0]}': training diverged",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DIVERGED, ids=list(DIVERGED))
+def test_a_diverged_train_fn_gets_an_error_reply_naming_the_weight(case):
+    train_fn, config, reason = DIVERGED[case]
+    reply = answer(train_fn, config)
+    assert reply.has_error() and not reply.has_content()
+    assert (reply.error.code, reply.error.reason) == (P.TRAIN_DIVERGED_CODE, reason)
 
 
 def test_bad_and_unanswerable_messages_get_error_replies():
