@@ -109,8 +109,10 @@ def load_checkpoint(cfg: RunConfig) -> Checkpoint:
         version, config = saved["format"], saved["config"]
     except Exception as err:  # torch.load raises many types on damaged files
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
+    _expect(version, int, "format")
     if version != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {version}, this version reads {FORMAT}")
+    check_config(config)
     expected = fingerprint(cfg)
     differing = sorted(key for key in expected.keys() | config.keys() if expected.get(key) != config.get(key))
     if differing:
@@ -118,12 +120,20 @@ def load_checkpoint(cfg: RunConfig) -> Checkpoint:
             f"{key.replace('_', '-')}: {config.get(key)!r} -> {expected.get(key)!r}" for key in differing
         )
         raise CheckpointError(f"checkpoint {path} was written by a different experiment ({details})")
-    check_fields(fields)
-    if fields["round"] >= cfg.num_server_rounds:
-        raise CheckpointError(
-            f"checkpoint {path} is at round {fields['round']}: nothing left of {cfg.num_server_rounds} rounds"
-        )
+    check_fields(fields, cfg.num_server_rounds)
     return Checkpoint(**fields)
+
+
+def check_config(config: Any) -> None:
+    """The checkpoint's run-config fingerprint is a dict of key -> str, int, float or bool
+    (what `fingerprint` writes); CheckpointError names the field otherwise."""
+    _expect(config, dict, "config")
+    for key, value in config.items():
+        _expect(key, str, "config key")
+        if not isinstance(value, (str, int, float)):  # bool is an int
+            raise CheckpointError(
+                f"checkpoint field 'config.{key}' is {type(value).__name__}, expected a run-config value"
+            )
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], field: str) -> None:
@@ -141,6 +151,15 @@ def _tensors(value: Any, field: str, dtype: torch.dtype | None = None) -> None:
             raise CheckpointError(f"checkpoint field '{field}.{name}' has dtype {tensor.dtype}, expected {dtype}")
 
 
+def _finite(tensors: dict[str, torch.Tensor], field: str, low: float | None = None) -> None:
+    """Every floating tensor of `tensors` is finite (and, with `low`, >= low)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint field '{field}.{name}' holds non-finite values")
+        if low is not None and bool((tensor < low).any()):
+            raise CheckpointError(f"checkpoint field '{field}.{name}' holds values below {low}")
+
+
 STRATEGY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "masks": dict,
     "initial_masks": dict,
@@ -151,11 +170,20 @@ STRATEGY_FIELDS: dict[str, type | tuple[type, ...]] = {
 RECORDER_FIELDS: dict[str, type | tuple[type, ...]] = {"records": list, "cumulative": dict, "elapsed": (int, float)}
 
 
-def check_fields(fields: dict[str, Any]) -> None:
-    """Every field of a checkpoint has its type (shapes are checked against the model by the
-    strategy); CheckpointError names the first that does not."""
+def check_fields(fields: dict[str, Any], num_rounds: int) -> None:
+    """Every field of a checkpoint has its type, and its values their range: a round in
+    [0, num_rounds) (0: written after the initial mask, before round 1), finite model and
+    optimizer state (Adam's `v` >= 0), a mask version in [0, round] (it grows by at most
+    one a round); shapes and mask counts are checked against the model by the strategy
+    (`check_shapes`). CheckpointError names the first field that does not."""
     _expect(fields["round"], int, "round")
+    if not 0 <= fields["round"] < num_rounds:
+        raise CheckpointError(
+            f"checkpoint field 'round' = {fields['round']}: expected in [0, {num_rounds}) "
+            f"({num_rounds} or more: nothing left of the run's {num_rounds} rounds)"
+        )
     _tensors(fields["arrays"], "arrays")
+    _finite(fields["arrays"], "arrays")
     strategy, recorder = fields["strategy"], fields["recorder"]
     for holder, spec in (("strategy", STRATEGY_FIELDS), ("recorder", RECORDER_FIELDS)):
         _expect(fields[holder], dict, holder)
@@ -163,12 +191,20 @@ def check_fields(fields: dict[str, Any]) -> None:
             if key not in fields[holder]:
                 raise CheckpointError(f"checkpoint field '{holder}.{key}' is missing")
             _expect(fields[holder][key], kind, f"{holder}.{key}")
+    if not 0 <= strategy["mask_version"] <= fields["round"]:
+        raise CheckpointError(
+            f"checkpoint field 'strategy.mask_version' = {strategy['mask_version']}: "
+            f"expected in [0, {fields['round']}] (at most one new version a round)"
+        )
     _tensors(strategy["masks"], "strategy.masks", torch.bool)
     _tensors(strategy["initial_masks"], "strategy.initial_masks", torch.bool)
+    if "explored" in strategy:  # absent in older checkpoints
+        _tensors(strategy["explored"], "strategy.explored", torch.bool)
     for key in ("m", "v"):
         if key not in strategy["optimizer"]:
             raise CheckpointError(f"checkpoint field 'strategy.optimizer.{key}' is missing")
         _tensors(strategy["optimizer"][key], f"strategy.optimizer.{key}")
+        _finite(strategy["optimizer"][key], f"strategy.optimizer.{key}", 0.0 if key == "v" else None)
     counters = {f.name for f in fields_of(Traffic)}
     for key, value in recorder["cumulative"].items():
         if key not in counters:
@@ -180,13 +216,16 @@ def check_shapes(
     state: dict[str, Any],
     arrays: dict[str, torch.Tensor],
     shapes: dict[str, tuple[int, ...]],
-    maskable: list[str],
+    counts: dict[str, int],
     posterior: bool = False,
 ) -> None:
-    """A checkpoint's tensors are shaped like the model: the global `arrays` like `shapes`,
-    the strategy's masks, initial masks, explored positions and (with `posterior`, the
-    thompson rule's) posteriors like the `maskable` layers, its optimizer moments like the
-    layers they belong to; CheckpointError names the first field that is not."""
+    """A checkpoint's tensors fit the run: the global `arrays` shaped like `shapes`; the
+    strategy's masks, initial masks, explored positions and (with `posterior`, the thompson
+    rule's) posteriors like the masked layers (the keys of `counts`), each mask and initial
+    mask keeping exactly `counts[name]` weights (every mask rule keeps a layer's count);
+    the posteriors finite and > 0; its optimizer moments like the layers they belong to.
+    CheckpointError names the first field that does not."""
+    maskable = list(counts)
     masked = {name: shapes[name] for name in maskable}
     expected = {"arrays": (arrays, shapes), "strategy.masks": (state["masks"], masked),
                 "strategy.initial_masks": (state["initial_masks"], masked),
@@ -196,6 +235,13 @@ def check_shapes(
             raise CheckpointError(
                 f"checkpoint field '{key}' has shapes {shapes_of(tensors, list(tensors))}, the model {want}"
             )
+    for key in ("masks", "initial_masks"):
+        for name, mask in state[key].items():
+            kept = int(torch.count_nonzero(mask))
+            if kept != counts[name]:
+                raise CheckpointError(
+                    f"checkpoint field 'strategy.{key}.{name}' keeps {kept} weights, the run's sparsity {counts[name]}"
+                )
     for key in ("m", "v"):
         wrong = sorted(n for n, t in state["optimizer"][key].items() if shapes.get(n) != tuple(t.shape))
         if wrong:
@@ -203,14 +249,27 @@ def check_shapes(
                 f"checkpoint field 'strategy.optimizer.{key}' has tensors {wrong} not shaped like the model"
             )
     if posterior:
-        found = state.get("posterior") or {}
-        if set(found) != {"a", "b"} or any(
-            set(found[key]) - set(maskable) or any(tuple(t.shape) != masked[n] for n, t in found[key].items())
-            for key in ("a", "b")
-        ):
-            raise CheckpointError(
-                "checkpoint field 'strategy.posterior' is not the thompson rule's posteriors over the masked layers"
-            )
+        check_posterior(state.get("posterior"), masked)
+
+
+def check_posterior(found: Any, masked: dict[str, tuple[int, ...]]) -> None:
+    """The thompson rule's Beta posteriors `a` and `b`: empty (before the first readjustment
+    round) or one tensor per masked layer, shaped like it, finite and > 0 (numpy's beta
+    sampler refuses anything else); CheckpointError names the field otherwise."""
+    if not isinstance(found, dict) or set(found) != {"a", "b"}:
+        raise CheckpointError("checkpoint field 'strategy.posterior' is not the thompson rule's posteriors (a and b)")
+    for key in ("a", "b"):
+        field = f"strategy.posterior.{key}"
+        _tensors(found[key], field)
+        if set(found[key]) not in (set(), set(masked)) or set(found[key]) != set(found["a"]):
+            raise CheckpointError(f"checkpoint field '{field}' covers {sorted(found[key])}, not the masked layers")
+        wrong = sorted(name for name, tensor in found[key].items() if tuple(tensor.shape) != masked[name])
+        if wrong:
+            raise CheckpointError(f"checkpoint field '{field}' has tensors {wrong} not shaped like the model")
+        _finite(found[key], field)
+        wrong = sorted(name for name, tensor in found[key].items() if not bool((tensor > 0).all()))
+        if wrong:
+            raise CheckpointError(f"checkpoint field '{field}' is not > 0 in {wrong}")
 
 
 def after_round(

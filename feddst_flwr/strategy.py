@@ -263,7 +263,7 @@ class FedDST(ReplyGuard):
 
     def load_state_dict(self, state: dict[str, Any], arrays: dict[str, torch.Tensor]) -> ArrayRecord:
         """Restore `state_dict()` after `initialize`; returns the global model `arrays`."""
-        check_shapes(state, arrays, self.shapes, self.maskable, posterior=self.thompson is not None)
+        check_shapes(state, arrays, self.shapes, self.counts, posterior=self.thompson is not None)
         self.masks, self.mask_version = state["masks"], state["mask_version"]
         self.movement = MaskMovement(state["initial_masks"])
         try:

@@ -5,13 +5,24 @@ uninterrupted one does."""
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 
 import pytest
 import torch
 from fakes import MASKABLE, SHAPES, Federation, make_strategy, mask_flags, new_model
 from flwr.app import ArrayRecord, RecordDict
 
-from feddst_flwr.checkpoint import Checkpoint, CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from feddst_flwr.checkpoint import (
+    FORMAT,
+    Checkpoint,
+    CheckpointError,
+    after_round,
+    checkpoint_path,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from feddst_flwr.prunefl import PruneFL
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -155,3 +166,150 @@ def test_a_field_shaped_unlike_the_model_is_a_checkpoint_error_naming_it(make_cf
     strategy.initialize(ArrayRecord(new_model().state_dict()))
     with pytest.raises(CheckpointError, match=re.escape(field.split(f".{FC}")[0])):
         strategy.load_state_dict(loaded.strategy, loaded.arrays)
+
+
+def save_raw(cfg, **changes) -> None:
+    """Write a checkpoint file as save_checkpoint does, with its top-level entries changed."""
+    path = checkpoint_path(cfg)
+    path.parent.mkdir(parents=True)
+    saved = {"format": FORMAT, "config": fingerprint(cfg), **asdict(small_checkpoint())}
+    torch.save({**saved, **changes}, path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format": torch.tensor([2, 2])}, r"^checkpoint field 'format' is Tensor, expected <class 'int'>$"),
+        ({"format": "2"}, r"^checkpoint field 'format' is str, expected <class 'int'>$"),
+        ({"config": [1, 2]}, r"^checkpoint field 'config' is list, expected <class 'dict'>$"),
+        ({"config": {1: 2}}, r"^checkpoint field 'config key' is int, expected <class 'str'>$"),
+        (
+            {"config": {"seed": torch.zeros(2)}},
+            r"^checkpoint field 'config.seed' is Tensor, expected a run-config value$",
+        ),
+    ],
+    ids=["format-tensor", "format-str", "config-list", "config-int-key", "config-tensor-value"],
+)
+def test_format_and_config_are_type_checked_before_use(make_cfg, tmp_path, changes, message):
+    cfg = make_cfg(results_dir=str(tmp_path), num_server_rounds=10)
+    save_raw(cfg, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(cfg)
+
+
+NAN = float("nan")
+OUT_OF_RANGE = {  # field -> (value, the message naming it)
+    "round": (-1, r"field 'round' = -1: expected in \[0, 10\)"),
+    "strategy.mask_version": (-1, r"^checkpoint field 'strategy.mask_version' = -1: expected in \[0, 2\]"),
+    "strategy.mask_version ": (3, r"^checkpoint field 'strategy.mask_version' = 3: expected in \[0, 2\]"),
+    f"arrays.{FC}": (torch.full(SHAPES[FC], NAN), rf"^checkpoint field 'arrays.{FC}' holds non-finite values$"),
+    "strategy.optimizer.m": (
+        {FC: torch.full(SHAPES[FC], NAN, dtype=torch.float64)},
+        rf"^checkpoint field 'strategy.optimizer.m.{FC}' holds non-finite values$",
+    ),
+    "strategy.optimizer.v": (
+        {FC: -torch.ones(SHAPES[FC], dtype=torch.float64)},
+        rf"^checkpoint field 'strategy.optimizer.v.{FC}' holds values below 0.0$",
+    ),
+    "strategy.explored": ({FC: torch.zeros(SHAPES[FC])}, rf"^checkpoint field 'strategy.explored.{FC}' has dtype"),
+}
+
+
+@pytest.mark.parametrize("field", OUT_OF_RANGE)
+def test_a_field_out_of_its_range_is_a_checkpoint_error_naming_it(make_cfg, tmp_path, field):
+    """A round < 0 would resume at round 0; a mask version < 0 (or beyond the round) makes
+    every client refuse the round config; a NaN weight every client refuse the model; NaN
+    moments or a negative Adam v make every round discarded."""
+    value, message = OUT_OF_RANGE[field]
+    cfg = make_cfg(results_dir=str(tmp_path), num_server_rounds=10)
+    save_checkpoint(cfg, corrupted(small_checkpoint(server_round=2), field.strip(), value))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(cfg)
+
+
+class Recorder:
+    """A round recorder that records nothing."""
+
+    def __call__(self, server_round, arrays):
+        return None
+
+    def state_dict(self):
+        return {"records": [], "cumulative": {}, "elapsed": 0.0}
+
+
+def test_the_round_zero_checkpoint_after_round_writes_loads(make_cfg, tmp_path):
+    """after_round also checkpoints round 0 (start's initial evaluate_fn call): the initial
+    mask (PruneFL's one-client pruning); resuming from it starts at round 1, so 0 is valid."""
+    cfg = make_cfg(results_dir=str(tmp_path), num_server_rounds=10, checkpoint_every=3)
+    strategy = make_strategy()
+    arrays = strategy.initialize(ArrayRecord(new_model().state_dict()))
+    after_round(cfg, strategy, Recorder(), 0, arrays)
+    loaded = load_checkpoint(cfg)
+    assert loaded.round == 0 and loaded.strategy["mask_version"] == 0
+
+
+def one_more(mask: torch.Tensor) -> torch.Tensor:
+    """The mask with its first inactive position set: one weight more than the sparsity allows."""
+    mask = mask.clone()
+    mask.view(-1)[torch.nonzero(~mask.view(-1))[0]] = True
+    return mask
+
+
+def one_fewer(mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.clone()
+    mask.view(-1)[torch.nonzero(mask.view(-1))[0]] = False
+    return mask
+
+
+@pytest.mark.parametrize("field", ["masks", "initial_masks"])
+@pytest.mark.parametrize("change", [one_more, one_fewer], ids=["one-more", "one-fewer"])
+def test_a_mask_count_other_than_the_runs_is_a_checkpoint_error_naming_the_layer(make_cfg, tmp_path, field, change):
+    """Before: a mask with one weight more loaded, then every honest reply was refused."""
+    cfg = make_cfg(results_dir=str(tmp_path), num_server_rounds=10)
+    saved = small_checkpoint()
+    strategy = make_strategy()
+    strategy.initialize(ArrayRecord(new_model().state_dict()))
+    count = strategy.counts[FC]
+    mask = change(saved.strategy[field][FC])
+    save_checkpoint(cfg, corrupted(saved, f"strategy.{field}.{FC}", mask))
+    loaded = load_checkpoint(cfg)
+    kept = int(mask.sum())
+    assert kept == count + (1 if change is one_more else -1)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^checkpoint field 'strategy.{field}.{FC}' keeps {kept} weights, the run's sparsity {count}$",
+    ):
+        strategy.load_state_dict(loaded.strategy, loaded.arrays)
+
+
+def test_prunefl_state_with_its_own_mask_counts_loads(make_cfg):
+    """PruneFL keeps the run's counts too (magnitude_prune to `counts`): its state reloads."""
+    cfg = make_cfg()
+    strategy = PruneFL(maskable=MASKABLE, sparsity=0.8, delta_r=2, r_end=4, clients_per_round=2, seed=0)
+    federation = Federation(cfg, strategy=strategy, node_ids=(1, 2, 3), same_data=False)
+    federation.round(1)
+    state = strategy.state_dict()
+    again = PruneFL(maskable=MASKABLE, sparsity=0.8, delta_r=2, r_end=4, clients_per_round=2, seed=0)
+    again.initialize(ArrayRecord(new_model().state_dict()))
+    again.load_state_dict(state, federation.arrays.to_torch_state_dict())
+    assert all(torch.equal(again.masks[n], strategy.masks[n]) for n in MASKABLE)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("a", NAN, r"^checkpoint field 'strategy.posterior.a.fc1.weight' holds non-finite values$"),
+        ("b", 0.0, r"^checkpoint field 'strategy.posterior.b' is not > 0 in \['fc1.weight'\]$"),
+    ],
+)
+def test_thompson_posteriors_must_be_finite_and_positive(make_cfg, key, value, message):
+    options = {"clients_per_round": 2, "delta_r": 1, "r_end": 4, "alpha": 0.2, "mask_rule": "thompson"}
+    federation = Federation(make_cfg(), strategy=make_strategy(**options), node_ids=(1, 2, 3), same_data=False)
+    federation.round(1)
+    state = federation.strategy.state_dict()
+    posterior = {k: dict(v) for k, v in state["posterior"].items()}
+    posterior[key][FC] = torch.full_like(posterior[key][FC], value)
+    fresh = make_strategy(**options)
+    fresh.initialize(ArrayRecord(new_model().state_dict()))
+    with pytest.raises(CheckpointError, match=message):
+        fresh.load_state_dict({**state, "posterior": posterior}, federation.arrays.to_torch_state_dict())
