@@ -17,6 +17,7 @@ import torch
 
 from feddst_flwr import data
 from feddst_flwr.data import (
+    DatasetError,
     DatasetNotFoundError,
     PartitionScheme,
     RawDataset,
@@ -237,14 +238,14 @@ def test_data_dir_may_be_the_dataset_folder_itself(data_dir, cache):
 def test_read_idx_rejects_bad_files_naming_them(tmp_path, content, problem, suffix):
     path = tmp_path / f"train-images-idx3-ubyte{suffix}"
     path.write_bytes(gzip.compress(content) if suffix else content)
-    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + problem):
+    with pytest.raises(DatasetError, match=re.escape(str(path)) + ".*" + problem):
         read_idx(path)
 
 
 def test_read_idx_truncated_header_names_the_file(tmp_path):
     path = tmp_path / "t10k-images-idx3-ubyte"
     path.write_bytes(bytes([0, 0, 0x08, 3, 0, 0, 0, 10]))  # 3 dims announced, 1 present
-    with pytest.raises(ValueError, match=re.escape(str(path))):
+    with pytest.raises(DatasetError, match=re.escape(str(path))):
         read_idx(path)
 
 
@@ -712,3 +713,269 @@ def test_pathological_weights_on_a_real_partition():
     rows = partitions(raw, iid)[4]
     own_labels = np.bincount(raw.y_train[rows], minlength=10) / len(rows)
     np.testing.assert_allclose(client_test_weights(raw, partitions(raw, iid), iid, 10)[4], own_labels, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_gz_idx_is_a_dataset_error_naming_it(data_dir, cache):
+    write_mnist(data_dir / "mnist", gz=True)
+    damaged = data_dir / "mnist" / "train-images-idx3-ubyte.gz"
+    truncate(damaged)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(damaged))}: cannot be read \(EOFError: Compressed file"):
+        load_raw("mnist", str(data_dir), cache)
+
+
+def test_idx_dimensions_whose_product_overflows_int64_are_counted_exactly(tmp_path):
+    """Four dims of 2**16: numpy's product wraps to 0 (then 'cannot reshape array of size 0')."""
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 4]) + (2**16).to_bytes(4, "big") * 4)
+    with pytest.raises(
+        DatasetError,
+        match=rf"^{re.escape(str(path))}: header says \(65536, 65536, 65536, 65536\) \(18446744073709551616 bytes\) but holds 0$",
+    ):
+        read_idx(path)
+
+
+def test_idx_images_and_labels_of_different_counts_are_a_dataset_error_naming_both(data_dir, cache):
+    write_mnist(data_dir / "mnist")
+    write_idx(data_dir / "mnist" / "train-images-idx3-ubyte", pixels(20, (1, 28, 28))[:, 0])
+    write_idx(data_dir / "mnist" / "train-labels-idx1-ubyte", np.arange(15) % 10)
+    images_file, labels_file = (data_dir / "mnist" / f"train-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1"))
+    with pytest.raises(
+        DatasetError,
+        match=rf"^{re.escape(str(images_file))} holds 20 images but {re.escape(str(labels_file))} 15 labels$",
+    ):
+        load_raw("mnist", str(data_dir), cache)
+
+
+def test_idx_labels_in_place_of_images_are_a_dataset_error_naming_the_file(data_dir, cache):
+    write_mnist(data_dir / "mnist")
+    wrong = data_dir / "mnist" / "t10k-images-idx3-ubyte"
+    write_idx(wrong, np.arange(10, dtype=np.uint8))
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(wrong))}: dimensions \(10,\), expected \(N, H, W\)"):
+        load_raw("mnist", str(data_dir), cache)
+
+
+def test_a_label_outside_the_datasets_classes_is_a_dataset_error_naming_the_source(data_dir, cache):
+    """Before: label 200 in 10-class MNIST loaded, and the partitioner then advised 101 partitions."""
+    write_mnist(data_dir / "mnist")
+    labels = np.arange(30) % 10
+    labels[7] = 200
+    write_idx(data_dir / "mnist" / "train-labels-idx1-ubyte", labels)
+    source = re.escape(str(data_dir / "mnist"))
+    with pytest.raises(
+        DatasetError,
+        match=rf"^{source}: train label 200 \(sample 7; 1 such labels\) is outside \[0, 10\): dataset 'mnist' has 10 classes$",
+    ):
+        load_raw("mnist", str(data_dir), cache)
+    assert not Path(cache).exists() or not any(Path(cache).iterdir())  # nothing cached
+
+
+def test_more_class_folders_than_the_dataset_has_classes_is_a_dataset_error(data_dir, cache):
+    classes = tuple(f"class{i:02d}" for i in range(11))
+    write_tree(data_dir / "cifar10", train=classes, test=classes, per_class=(1, 1))
+    with pytest.raises(
+        DatasetError, match=rf"^{re.escape(str(data_dir / 'cifar10'))}: train label 10 .* outside \[0, 10\)"
+    ):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+def test_16_bit_images_are_a_dataset_error_not_rescaled_silently(data_dir, cache):
+    from PIL import Image
+
+    write_tree(data_dir / "cifar10")
+    for path in (data_dir / "cifar10").rglob("*.png"):
+        Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(path)
+    with pytest.raises(
+        DatasetError,
+        match=rf"^{re.escape(str(data_dir / 'cifar10'))}: train images are uint16 of shape \(9, 1, 32, 32\)",
+    ):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_image_in_a_folder_is_a_dataset_error_naming_the_file(data_dir, cache, damage):
+    """Before: UnidentifiedImageError: cannot identify image file <_io.BytesIO ...>."""
+    write_tree(data_dir / "cifar10")
+    damaged = data_dir / "cifar10" / "train" / "cat" / "0001.png"
+    if damage == "garbage":
+        damaged.write_bytes(b"not a png at all")
+    else:
+        truncate(damaged, 0.6)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(damaged))}: not a readable image \("):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+def test_an_image_of_another_size_is_a_dataset_error_naming_it(data_dir, cache):
+    write_tree(data_dir / "cifar10")
+    odd = data_dir / "cifar10" / "test" / "truck" / "0001.png"
+    odd.write_bytes(png(pixels(1, (3, 16, 16))[0]))
+    first = data_dir / "cifar10" / "test" / "airplane" / "0000.png"
+    with pytest.raises(
+        DatasetError,
+        match=rf"^{re.escape(str(odd))}: an image of shape \(3, 16, 16\), {re.escape(str(first))} has \(3, 32, 32\)$",
+    ):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+def test_a_truncated_tarball_is_a_dataset_error_naming_it(tmp_path, data_dir, cache):
+    tarball = data_dir / "cifar10" / "c.tar.gz"
+    write_tarball(tarball, tmp_path / "scratch", per_class=(20, 5))
+    truncate(tarball)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(tarball))}: cannot be read \("):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+def test_a_corrupt_image_in_a_tarball_is_a_dataset_error_naming_the_member(tmp_path, data_dir, cache):
+    tarball = data_dir / "cifar10" / "c.tar.gz"
+    write_tree(tmp_path / "scratch")
+    (tmp_path / "scratch" / "test" / "cat" / "0000.png").write_bytes(b"\x89PNG broken")
+    with tarfile.open(tarball if tarball.parent.mkdir(parents=True) is None else tarball, "w:gz") as archive:
+        for part in ("train", "test"):
+            archive.add(tmp_path / "scratch" / part, arcname=f"cifar10/{part}")
+    with pytest.raises(
+        DatasetError, match=rf"^{re.escape(str(tarball))}:cifar10/test/cat/0000.png: not a readable image"
+    ):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+def test_a_truncated_parquet_file_is_a_dataset_error_naming_it(data_dir, cache):
+    write_cifar_parquet(data_dir / "cifar10")
+    damaged = data_dir / "cifar10" / "plain_text" / "test-00000-of-00001.parquet"
+    truncate(damaged)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(damaged))}: cannot be read \("):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+def test_a_corrupt_image_cell_in_parquet_is_a_dataset_error_naming_file_and_row(data_dir, cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_cifar_parquet(data_dir / "cifar10")
+    path = data_dir / "cifar10" / "plain_text" / "train-00000-of-00001.parquet"
+    table = pq.read_table(path).to_pydict()
+    table["img"][4] = {"bytes": b"garbage", "path": "4.png"}
+    pq.write_table(pa.table(table), path)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: row 4: not a readable image \("):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+def test_a_parquet_label_outside_the_classes_is_a_dataset_error(data_dir, cache):
+    write_cifar_parquet(data_dir / "cifar10")
+    path = data_dir / "cifar10" / "plain_text" / "test-00000-of-00001.parquet"
+    write_parquet(path, "img", pixels(5, (3, 32, 32), 1), label=[9, 0, 3, 10, 1])
+    with pytest.raises(DatasetError, match=r"test label 10 \(sample 3; 1 such labels\) is outside \[0, 10\)"):
+        load_raw("cifar10", str(data_dir), cache)
+
+
+def test_a_corrupt_hub_image_is_a_dataset_error_naming_the_hub_split_and_row(cache, monkeypatch):
+    import flwr_datasets
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HfImage
+
+    train = pixels(3, (3, 32, 32))
+    cells = [{"bytes": png(image), "path": None} for image in train]
+    cells[2] = {"bytes": b"garbage", "path": None}
+    broken = Dataset.from_dict(
+        {"img": cells, "label": [0, 1, 2]}, features=Features({"img": HfImage(), "label": Value("int64")})
+    )
+    FakeFederatedDataset.splits = {"uoft-cs/cifar10": {"train": broken, "test": hf_split(train, [0, 1, 2])}}
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeFederatedDataset)
+    monkeypatch.setattr(hub, "from_hub", REAL_FROM_HUB)
+    with pytest.raises(DatasetError, match=r"^'uoft-cs/cifar10' train split, row 2: not a readable image \("):
+        load_raw("cifar10", "", cache)
+
+
+def test_a_hub_label_outside_the_classes_is_a_dataset_error_naming_the_hub_id(cache, monkeypatch):
+    import flwr_datasets
+
+    train, test = pixels(3, (3, 32, 32)), pixels(2, (3, 32, 32), 1)
+    FakeFederatedDataset.splits = {
+        "uoft-cs/cifar10": {"train": hf_split(train, [0, 1, 2]), "test": hf_split(test, [3, -1])}
+    }
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeFederatedDataset)
+    monkeypatch.setattr(hub, "from_hub", REAL_FROM_HUB)
+    with pytest.raises(DatasetError, match=r"^uoft-cs/cifar10: test label -1 \(sample 1; 1 such labels\) is outside"):
+        load_raw("cifar10", "", cache)
+
+
+def test_a_damaged_scikit_learn_digits_file_is_a_dataset_error_naming_it(tmp_path, monkeypatch):
+    import importlib.resources
+
+    real = importlib.resources.files("sklearn.datasets.data") / "digits.csv.gz"
+    copy = tmp_path / "digits.csv.gz"
+    copy.write_bytes(real.read_bytes()[:5000])
+    files = importlib.resources.files
+    monkeypatch.setattr(
+        importlib.resources, "files", lambda module: tmp_path if module == "sklearn.datasets.data" else files(module)
+    )
+    with pytest.raises(
+        DatasetError, match=rf"^{re.escape(str(copy))}: scikit-learn's digits cannot be read \(EOFError"
+    ):
+        load_raw("digits")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "labels", "fewer-labels"])
+def test_a_damaged_npy_cache_is_decoded_again_with_a_warning_naming_the_file(
+    data_dir, cache, monkeypatch, caplog, damage
+):
+    """Before: 'Failed to read all data for array' (no file, no re-decode)."""
+    expected = write_mnist(data_dir / "mnist")
+    calls = spy(monkeypatch, idx.from_idx)
+    folder = load_raw("mnist", str(data_dir), cache).cache
+    damaged = folder / ("y_train.npy" if "labels" in damage else "x_train.npy")
+    if damage == "truncated":
+        truncate(damaged)
+    elif damage == "missing":
+        damaged.unlink()
+    else:  # labels 10..34 in 10-class MNIST, or 15 labels for 30 images
+        np.save(damaged, np.arange(30) + 5 if damage == "labels" else np.arange(15) % 10)
+    load_raw.cache_clear()
+    raw = load_raw("mnist", str(data_dir), cache)
+    assert len(calls) == 2 and raw.cache == folder
+    assert_same(raw, expected)
+    assert sorted(p.name for p in Path(cache).iterdir()) == [folder.name]  # repaired in place, no staging left
+    assert re.search(re.escape(str(folder)) + r".*decoding .* again", caplog.text)
+    load_raw.cache_clear()
+    assert_same(load_raw("mnist", str(data_dir), cache), expected)
+    assert len(calls) == 2  # the repaired cache reads
+
+
+def test_a_cache_that_stays_damaged_is_a_dataset_error_naming_the_folder_to_delete(data_dir, cache, monkeypatch):
+    write_mnist(data_dir / "mnist")
+    folder = load_raw("mnist", str(data_dir), cache).cache
+    truncate(folder / "x_test.npy")
+    write_arrays = data.cache.write_arrays
+
+    def damaging(staging, raw):  # the disk damages every file it writes
+        written = write_arrays(staging, raw)
+        truncate(written / "x_test.npy")
+        return written
+
+    monkeypatch.setattr(data.cache, "write_arrays", damaging)
+    load_raw.cache_clear()
+    with pytest.raises(
+        DatasetError,
+        match=rf"^{re.escape(str(folder / 'x_test.npy'))}: damaged decoded-array cache .*; delete {re.escape(str(folder))} to",
+    ):
+        load_raw("mnist", str(data_dir), cache)
+
+
+def test_a_damaged_partition_cache_is_computed_again(data_dir, cache, caplog):
+    write_mnist(data_dir / "mnist")
+    raw = load_raw("mnist", str(data_dir), cache)
+    first = partitions(raw, scheme("pathological", 5))
+    (stored,) = raw.cache.glob("partitions-*.npz")
+    truncate(stored)
+    partitions.cache_clear()
+    again = partitions(raw, scheme("pathological", 5))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert re.search(
+        re.escape(str(stored)) + r": damaged partition cache .* computing the partitions again", caplog.text
+    )

@@ -12,12 +12,13 @@ from .cache import default_cache_dir, load_raw
 from .idx import read_idx
 from .metric import client_mean_accuracy, client_test_weights
 from .partition import PARTITIONS, PartitionScheme, load_partition, partitions
-from .specs import DATASETS, SPECS, DatasetNotFoundError, DatasetSpec, RawDataset, TensorData, to_tensors
+from .specs import DATASETS, SPECS, DatasetError, DatasetNotFoundError, DatasetSpec, RawDataset, TensorData, to_tensors
 
 __all__ = [
     "DATASETS",
     "PARTITIONS",
     "SPECS",
+    "DatasetError",
     "DatasetNotFoundError",
     "DatasetSpec",
     "PartitionScheme",

@@ -5,13 +5,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from functools import lru_cache
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
+from flwr.common import log
 
 from . import digits, hub, local
-from .specs import DATASETS, SPECS, RawDataset
+from .specs import DATASETS, SPECS, DatasetError, RawDataset, check_raw
+
+FIELDS = ("x_train", "y_train", "x_test", "y_test", "writers")  # the cache's .npy files
 
 
 @lru_cache(maxsize=2)
@@ -38,24 +43,65 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "feddst-flwr"
 
 
-def cached(name: str, source: str, decode, cache_dir: Path) -> RawDataset:
-    """Load the .npy cache for this source, or decode once and write it atomically."""
+def cached(name: str, source: str, decode: Callable[[], RawDataset], cache_dir: Path) -> RawDataset:
+    """Load the .npy cache for this source, or decode once (checked: `check_raw`) and
+    write it atomically. A damaged cache (a truncated or missing .npy, arrays that fail the
+    check) is logged and decoded again, its files replaced one by one, atomically; if it
+    still cannot be read, a DatasetError names the file and the folder to delete."""
     key = hashlib.sha1(f"{name}|{source}|{_signature(source)}".encode()).hexdigest()[:16]
     folder = cache_dir / f"{name}-{key}"
-    fields = ("x_train", "y_train", "x_test", "y_test", "writers")
     if not folder.is_dir():
-        raw = decode()
-        staging = cache_dir / f".{name}-{key}-{os.getpid()}"
-        staging.mkdir(parents=True, exist_ok=True)
-        for f in fields:
-            if getattr(raw, f) is not None:
-                np.save(staging / f"{f}.npy", getattr(raw, f))
+        staging = write_arrays(cache_dir / f".{name}-{key}-{os.getpid()}", decoded(name, source, decode))
         try:
             staging.rename(folder)
         except OSError:  # another process cached it first
             shutil.rmtree(staging, ignore_errors=True)
-    arrays = {f: np.load(folder / f"{f}.npy") for f in fields if (folder / f"{f}.npy").exists()}
-    return RawDataset(**arrays, cache=folder)
+    try:
+        return read_cache(name, folder)
+    except DatasetError as err:
+        log(WARNING, "feddst-flwr: %s; decoding %s again", err, source)
+    staging = write_arrays(cache_dir / f".{name}-{key}-{os.getpid()}", decoded(name, source, decode))
+    for file in staging.iterdir():  # each replaced atomically: a reader sees the old file or the new one
+        file.replace(folder / file.name)
+    staging.rmdir()
+    return read_cache(name, folder)
+
+
+def decoded(name: str, source: str, decode: Callable[[], RawDataset]) -> RawDataset:
+    """`decode()`, checked against the dataset's spec; a DatasetError names `source`."""
+    raw = decode()
+    check_raw(name, raw, source)
+    return raw
+
+
+def write_arrays(folder: Path, raw: RawDataset) -> Path:
+    """Save the arrays of `raw` as <field>.npy in `folder` (created); returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for field in FIELDS:
+        if getattr(raw, field) is not None:
+            np.save(folder / f"{field}.npy", getattr(raw, field))
+    return folder
+
+
+def read_cache(name: str, folder: Path) -> RawDataset:
+    """The decoded arrays cached in `folder`, checked (`check_raw`); a DatasetError names a
+    missing or unreadable file, or the folder, and says to delete the folder."""
+    required = FIELDS if SPECS[name].writer_key else FIELDS[:-1]
+    arrays = {}
+    for field in FIELDS:
+        path = folder / f"{field}.npy"
+        if field not in required and not path.exists():
+            continue
+        try:
+            arrays[field] = np.load(path)
+        except (OSError, ValueError, EOFError) as err:  # missing, truncated, not .npy
+            raise DatasetError(
+                f"{path}: damaged decoded-array cache ({type(err).__name__}: {err}); "
+                f"delete {folder} to decode the dataset again"
+            ) from err
+    raw = RawDataset(**arrays, cache=folder)
+    check_raw(name, raw, f"{folder} (decoded-array cache: delete it to decode the dataset again)")
+    return raw
 
 
 def _signature(source: str) -> str:

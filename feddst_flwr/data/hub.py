@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .specs import SPECS, DatasetNotFoundError, RawDataset
+from .images import stack
+from .specs import SPECS, DatasetError, DatasetNotFoundError, RawDataset
 
 
 def from_hub(name: str) -> RawDataset:
-    """Full splits through flwr-datasets' FederatedDataset (needs network)."""
+    """Full splits through flwr-datasets' FederatedDataset (needs network); a split that
+    cannot be decoded is a DatasetError naming the hub id, the split and its cache files."""
     from flwr_datasets import FederatedDataset
 
     spec = SPECS[name]
@@ -21,12 +23,23 @@ def from_hub(name: str) -> RawDataset:
             f"{err}). Set run-config data-dir to a folder with local files (see docs/configuration.md, 'Datasets')."
         ) from err
 
-    def arrays(split) -> tuple[np.ndarray, np.ndarray]:
-        images = [np.asarray(img) for img in split[spec.image_key]]
+    def arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
+        split = splits[part]
+        files = [entry["filename"] for entry in split.cache_files]
+        where = f"'{spec.hub_id}' {part} split" + (f" ({', '.join(files)})" if files else "")
+        images: list[np.ndarray] = []
+        try:
+            for image in split[spec.image_key]:  # the datasets library decodes each image with PIL here
+                images.append(np.asarray(image))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DatasetError(
+                f"{where}, row {len(images)}: not a readable image ({type(err).__name__}: {err})"
+            ) from err
         images = [im[None] if im.ndim == 2 else im.transpose(2, 0, 1) for im in images]
-        return np.stack(images).astype(np.uint8), np.asarray(split[spec.label_key], dtype=np.int64)
+        x, y = stack(images, split[spec.label_key], lambda row: f"{where}, row {row}")
+        return x.astype(np.uint8), y
 
-    train = arrays(splits["train"])
+    train = arrays("train")
     writers = np.asarray(splits["train"][spec.writer_key]) if spec.writer_key else None
-    test = arrays(splits["test"]) if "test" in splits else (np.empty((0,), np.uint8), np.empty((0,), np.int64))
+    test = arrays("test") if "test" in splits else (np.empty((0,), np.uint8), np.empty((0,), np.int64))
     return RawDataset(train[0], train[1], test[0], test[1], writers)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
+from logging import WARNING
+from pathlib import Path
 
 import numpy as np
+from flwr.common import log
 
-from .specs import RawDataset, TensorData, to_tensors
+from .specs import DatasetError, RawDataset, TensorData, to_tensors
 
 PARTITIONS = ("pathological", "dirichlet", "iid", "natural")
 
@@ -42,12 +46,31 @@ def partitions(raw: RawDataset, scheme: PartitionScheme) -> tuple[np.ndarray, ..
         digest.update(raw.writers.astype(str).tobytes())
     path = raw.cache / f"partitions-{digest.hexdigest()[:16]}.npz"
     if not path.exists():
-        parts = _partitions(raw, scheme)
-        staging = path.with_suffix(f".{os.getpid()}.npz")
-        np.savez(staging, *parts)
-        staging.replace(path)
-    with np.load(path) as stored:
-        return tuple(stored[f"arr_{i}"] for i in range(len(stored.files)))
+        _store(path, _partitions(raw, scheme))
+    try:
+        return _load(path)
+    except DatasetError as err:
+        log(WARNING, "feddst-flwr: %s; computing the partitions again", err)
+    _store(path, _partitions(raw, scheme))
+    return _load(path)
+
+
+def _store(path: Path, parts: tuple[np.ndarray, ...]) -> None:
+    """Write the partitions to `path` atomically (a temporary file, then rename over it)."""
+    staging = path.with_suffix(f".{os.getpid()}.npz")
+    np.savez(staging, *parts)
+    staging.replace(path)
+
+
+def _load(path: Path) -> tuple[np.ndarray, ...]:
+    """The partitions stored at `path`; a DatasetError names a damaged file."""
+    try:
+        with np.load(path) as stored:
+            return tuple(stored[f"arr_{i}"] for i in range(len(stored.files)))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # truncated or not .npz
+        raise DatasetError(
+            f"{path}: damaged partition cache ({type(err).__name__}: {err}); delete it to compute the partitions again"
+        ) from err
 
 
 def _partitions(raw: RawDataset, scheme: PartitionScheme) -> tuple[np.ndarray, ...]:

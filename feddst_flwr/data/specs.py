@@ -43,6 +43,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A named dataset is in none of the places tried."""
 
 
+class DatasetError(ValueError):
+    """A dataset file is damaged or inconsistent (truncated, undecodable, images and labels
+    that do not match, labels outside the dataset's classes); the message names the file."""
+
+
 @dataclass(frozen=True)
 class TensorData:
     """Images (N, C, H, W float32) and integer labels (N,)."""
@@ -76,3 +81,40 @@ def to_tensors(name: str, x: np.ndarray, y: np.ndarray) -> TensorData:
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
     return TensorData((images - mean) / std, torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+
+def check_raw(name: str, raw: RawDataset, where: str) -> None:
+    """Decoded splits a run can use: uint8 images (N, C, H, W), as many int labels, each in
+    [0, num_classes) of the dataset's spec, and one writer per training sample when there
+    are writers.
+
+    Parameters
+    ----------
+    name : str
+        The dataset (a key of SPECS).
+    raw : RawDataset
+        The decoded dataset.
+    where : str
+        What the splits were read from (a file or folder, a hub id), for the error.
+
+    Raises
+    ------
+    DatasetError
+        Naming `where`, the split and the problem.
+    """
+    num_classes = SPECS[name].num_classes
+    for split, x, y in (("train", raw.x_train, raw.y_train), ("test", raw.x_test, raw.y_test)):
+        if x.dtype != np.uint8 or (len(x) and x.ndim != 4):
+            raise DatasetError(f"{where}: {split} images are {x.dtype} of shape {x.shape}, expected uint8 (N, C, H, W)")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DatasetError(f"{where}: {split} labels are {y.dtype} of shape {y.shape}, expected integers (N,)")
+        if len(x) != len(y):
+            raise DatasetError(f"{where}: the {split} split has {len(x)} images and {len(y)} labels")
+        outside = np.flatnonzero((y < 0) | (y >= num_classes))
+        if len(outside):
+            raise DatasetError(
+                f"{where}: {split} label {y[outside[0]]} (sample {outside[0]}; {len(outside)} such labels) is "
+                f"outside [0, {num_classes}): dataset '{name}' has {num_classes} classes"
+            )
+    if raw.writers is not None and len(raw.writers) != len(raw.y_train):
+        raise DatasetError(f"{where}: {len(raw.writers)} writer ids for {len(raw.y_train)} training samples")
