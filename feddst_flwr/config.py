@@ -4,6 +4,7 @@ partition, model) are checked where those tables live: `registry.load_config`.""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -13,6 +14,13 @@ from .mask_rules import MASK_RULES
 from .masks import DISTRIBUTIONS, REGROW
 from .server_optimizer import SERVER_OPTIMIZERS
 from .training import DEVICES, READJUST_AT
+
+MAX_ROUNDS = 100_000  # num-server-rounds, delta-r, r-end, eval-interval, checkpoint-every
+MAX_NODES = 100_000  # clients-per-round, num-partitions, min-votes
+MAX_EPOCHS = 1000  # local-epochs
+MAX_BATCH = 1_000_000  # batch-size
+MAX_GROW_BATCHES = 10_000  # grow-batches
+MAX_SEED = 2**32 - 1  # seed: scikit-learn's train_test_split takes no larger one, numpy no negative one
 
 
 class ConfigError(ValueError):
@@ -92,13 +100,23 @@ class ExperimentConfig:
         return self.run_name or f"{self.strategy}-{self.dataset}-seed{self.seed}"
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first key of a bad type or out of its range."""
+        """Raise ConfigError naming the first key of a bad type or out of its range: a float
+        that is not finite, or a value outside its range (the upper limits, `MAX_*`, are
+        far beyond any experiment's: they stop a typo like local-epochs = 10**9)."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"run config '{field.name.replace('_', '-')}' = {value!r}: expected a finite number")
         checks = [
-            (self.num_server_rounds >= 1, "num-server-rounds", ">= 1"),
+            (1 <= self.num_server_rounds <= MAX_ROUNDS, "num-server-rounds", f"in [1, {MAX_ROUNDS}]"),
             (0.0 < self.fraction_train <= 1.0, "fraction-train", "in (0, 1]"),
-            (self.clients_per_round >= 0, "clients-per-round", ">= 0 (0: use fraction-train)"),
-            (self.local_epochs >= 1, "local-epochs", ">= 1"),
-            (self.batch_size >= 1, "batch-size", ">= 1"),
+            (
+                0 <= self.clients_per_round <= MAX_NODES,
+                "clients-per-round",
+                f"in [0, {MAX_NODES}] (0: use fraction-train)",
+            ),
+            (1 <= self.local_epochs <= MAX_EPOCHS, "local-epochs", f"in [1, {MAX_EPOCHS}]"),
+            (1 <= self.batch_size <= MAX_BATCH, "batch-size", f"in [1, {MAX_BATCH}]"),
             (self.lr > 0, "lr", "> 0"),
             (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
             (self.weight_decay >= 0, "weight-decay", ">= 0"),
@@ -111,12 +129,18 @@ class ExperimentConfig:
             (0.0 <= self.sparsity < 1.0, "sparsity", "in [0, 1)"),
             (self.sparsity_distribution in DISTRIBUTIONS, "sparsity-distribution", f"one of {DISTRIBUTIONS}"),
             (0.0 <= self.alpha < 1.0, "alpha", "in [0, 1)"),
-            (self.delta_r >= 1, "delta-r", ">= 1"),
-            (self.r_end >= 0, "r-end", ">= 0 (0: half the rounds)"),
+            (1 <= self.delta_r <= MAX_ROUNDS, "delta-r", f"in [1, {MAX_ROUNDS}]"),
+            (0 <= self.r_end <= MAX_ROUNDS, "r-end", f"in [0, {MAX_ROUNDS}] (0: half the rounds)"),
             (self.readjust_at in READJUST_AT, "readjust-at", f"one of {READJUST_AT}"),
-            (self.grow_batches >= 1, "grow-batches", ">= 1"),
+            (1 <= self.grow_batches <= MAX_GROW_BATCHES, "grow-batches", f"in [1, {MAX_GROW_BATCHES}]"),
             (self.regrow in REGROW, "regrow", f"one of {REGROW}"),
-            (self.min_votes >= 1, "min-votes", ">= 1"),
+            (
+                1 <= self.min_votes <= (self.clients_per_round or MAX_NODES),
+                "min-votes",
+                f"in [1, {self.clients_per_round}] (clients-per-round: no position gets more votes)"
+                if self.clients_per_round
+                else f"in [1, {MAX_NODES}]",
+            ),
             (self.mask_rule in MASK_RULES, "mask-rule", f"one of {MASK_RULES}"),
             (0.0 <= self.min_fit_fraction <= 1.0, "min-fit-fraction", "in [0, 1]"),
             (self.max_num_examples >= 1, "max-num-examples", ">= 1"),
@@ -127,15 +151,20 @@ class ExperimentConfig:
             ),
             (self.round_timeout > 0, "round-timeout", "> 0 seconds"),
             (0.0 <= self.client_failure_rate < 1.0, "client-failure-rate", "in [0, 1)"),
-            (self.checkpoint_every >= 0, "checkpoint-every", ">= 0 (0: no checkpoints)"),
+            (0 <= self.checkpoint_every <= MAX_ROUNDS, "checkpoint-every", f"in [0, {MAX_ROUNDS}] (0: no checkpoints)"),
             (self.value_dtype in VALUE_DTYPES, "value-dtype", f"one of {tuple(VALUE_DTYPES)}"),
             (self.device in DEVICES, "device", f"one of {DEVICES} (auto: CUDA when available)"),
-            (self.num_partitions >= 0, "num-partitions", ">= 0 (0: the number of connected nodes)"),
+            (
+                0 <= self.num_partitions <= MAX_NODES,
+                "num-partitions",
+                f"in [0, {MAX_NODES}] (0: the number of connected nodes)",
+            ),
             (self.shard_size >= 0, "shard-size", ">= 0 (0: split each class among its clients)"),
             (self.classes_per_client >= 1, "classes-per-client", ">= 1"),
             (self.dirichlet_beta > 0, "dirichlet-beta", "> 0"),
             (0.0 < self.test_fraction < 1.0, "test-fraction", "in (0, 1)"),
-            (self.eval_interval >= 1, "eval-interval", ">= 1"),
+            (1 <= self.eval_interval <= MAX_ROUNDS, "eval-interval", f"in [1, {MAX_ROUNDS}]"),
+            (0 <= self.seed <= MAX_SEED, "seed", f"in [0, {MAX_SEED}] (scikit-learn's and numpy's seed range)"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -87,6 +87,17 @@ OUT_OF_RANGE = [
 ]  # fmt: skip
 
 
+ABOVE_LIMIT = [  # the upper limits: far beyond any experiment, they stop a typo
+    ("num-server-rounds", 100_001), ("clients-per-round", 100_001), ("local-epochs", 1001),
+    ("local-epochs", 10**9), ("batch-size", 1_000_001), ("delta-r", 100_001), ("r-end", 100_001),
+    ("grow-batches", 10_001), ("checkpoint-every", 100_001), ("num-partitions", 100_001),
+    ("eval-interval", 100_001), ("seed", 2**32), ("seed", -1),
+    ("lr", math.inf), ("round-timeout", math.inf), ("max-update-norm", math.inf), ("dirichlet-beta", math.inf),
+    ("weight-decay", math.inf), ("proximal-mu", math.nan),
+]  # fmt: skip
+OUT_OF_RANGE += ABOVE_LIMIT
+
+
 @pytest.mark.parametrize("key, value", OUT_OF_RANGE)
 def test_out_of_range_value_is_named(run_config, key, value):
     with pytest.raises(ConfigError, match=f"'{key}' = {value!r}"):
@@ -103,10 +114,40 @@ BOUNDARIES = [
 ]  # fmt: skip
 
 
+BOUNDARIES += [
+    ("num-server-rounds", 100_000), ("clients-per-round", 100_000), ("local-epochs", 1000),
+    ("batch-size", 1_000_000), ("delta-r", 100_000), ("r-end", 100_000), ("grow-batches", 10_000),
+    ("checkpoint-every", 100_000), ("num-partitions", 100_000), ("eval-interval", 100_000), ("seed", 0),
+    ("seed", 2**32 - 1),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("key, value", BOUNDARIES)
 def test_boundary_values_are_accepted(run_config, key, value):
     cfg = parse(run_config, **{key: value})
     assert getattr(cfg, key.replace("-", "_")) == value
+
+
+def test_a_billion_local_epochs_is_an_error_naming_the_key_and_its_range(run_config):
+    """Before: accepted, and the node started training."""
+    with pytest.raises(ConfigError, match=r"^run config 'local-epochs' = 1000000000: expected in \[1, 1000\]$"):
+        parse(run_config, **{"local-epochs": 10**9})
+
+
+def test_a_non_finite_float_is_an_error_naming_the_key(run_config):
+    with pytest.raises(ConfigError, match=r"^run config 'round-timeout' = inf: expected a finite number$"):
+        parse(run_config, **{"round-timeout": math.inf})
+
+
+def test_min_votes_beyond_clients_per_round_is_an_error(run_config):
+    """No position can get more votes than there are replies: every weight would be zero."""
+    assert parse(run_config, **{"clients-per-round": 10, "min-votes": 10}).min_votes == 10
+    with pytest.raises(
+        ConfigError, match=r"^run config 'min-votes' = 11: expected in \[1, 10\] \(clients-per-round: no position"
+    ):
+        parse(run_config, **{"clients-per-round": 10, "min-votes": 11})
+    with pytest.raises(ConfigError, match=r"^run config 'min-votes' = 100001: expected in \[1, 100000\]$"):
+        parse(run_config, **{"clients-per-round": 0, "min-votes": 100_001})
 
 
 def test_partition_scheme_and_num_classes(run_config):
