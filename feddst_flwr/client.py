@@ -132,8 +132,10 @@ def client_round(
 ) -> ClientResult:
     """Run one training round on a node and build its reply: `arrays` and `round_config`
     are the server's message, `node_state` the node's Context state (it keeps the mask),
-    `train_fn` the local training (`training.masked_sgd`, or the user's own). A sparse
-    reply's values take the dtype of the values the server sent (its `value_dtype`)."""
+    `train_fn` the local training (`training.masked_sgd`, or the user's own), whose result
+    is checked against the TrainFn contract (a TrainFnError, or TrainingDivergedError, says
+    how it broke it). A sparse reply's values take the dtype of the values the server sent
+    (its `value_dtype`)."""
     state, masks = receive(model, arrays, round_config, node_state)
     model.load_state_dict(state)
     local = LocalRound(
