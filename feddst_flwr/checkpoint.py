@@ -240,7 +240,7 @@ def check_shapes(
             kept = int(torch.count_nonzero(mask))
             if kept != counts[name]:
                 raise CheckpointError(
-                    f"checkpoint field 'strategy.{key}.{name}' keeps {kept} weights, the run's sparsity {counts[name]}"
+                    f"checkpoint field 'strategy.{key}.{name}' keeps {kept} weights; the run's sparsity keeps {counts[name]}"
                 )
     for key in ("m", "v"):
         wrong = sorted(n for n, t in state["optimizer"][key].items() if shapes.get(n) != tuple(t.shape))

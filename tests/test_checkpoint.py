@@ -277,7 +277,7 @@ def test_a_mask_count_other_than_the_runs_is_a_checkpoint_error_naming_the_layer
     assert kept == count + (1 if change is one_more else -1)
     with pytest.raises(
         CheckpointError,
-        match=rf"^checkpoint field 'strategy.{field}.{FC}' keeps {kept} weights, the run's sparsity {count}$",
+        match=rf"^checkpoint field 'strategy.{field}.{FC}' keeps {kept} weights; the run's sparsity keeps {count}$",
     ):
         strategy.load_state_dict(loaded.strategy, loaded.arrays)
 
