@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 
 from .grid import Traffic
-from .masks import shapes_of
+from .masks import all_finite, shapes_of
 
 FORMAT = 2  # 2: the strategy state holds the initial mask (mask-drift)
 # Keys that may change between the interrupted run and its resumption.
@@ -154,7 +154,7 @@ def _tensors(value: Any, field: str, dtype: torch.dtype | None = None) -> None:
 def _finite(tensors: dict[str, torch.Tensor], field: str, low: float | None = None) -> None:
     """Every floating tensor of `tensors` is finite (and, with `low`, >= low)."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise CheckpointError(f"checkpoint field '{field}.{name}' holds non-finite values")
         if low is not None and bool((tensor < low).any()):
             raise CheckpointError(f"checkpoint field '{field}.{name}' holds values below {low}")

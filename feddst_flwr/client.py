@@ -26,7 +26,7 @@ from .codec import (
     masks_to_record,
     payload_bytes,
 )
-from .masks import Masks, active, difference, hamming, maskable_names, masks_to, shapes_of
+from .masks import Masks, active, all_finite, difference, hamming, maskable_names, masks_to, shapes_of
 from .training import LocalResult, LocalRound, TrainFn
 from .validation import check_number
 
@@ -173,7 +173,7 @@ def check_weights(weights: dict[str, torch.Tensor], sent: dict[str, torch.Tensor
     """The model a TrainFn trained: finite (else TrainingDivergedError), with the names,
     dtypes and shapes of the model the server sent (else TrainFnError), naming the weight."""
     for name, tensor in weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise TrainingDivergedError(f"train_fn returned non-finite weights in '{name}': training diverged")
     if list(weights) != list(sent):
         raise TrainFnError(f"train_fn changed the model's weights from {list(sent)} to {list(weights)}")
@@ -250,7 +250,7 @@ def checked_gradients(result: LocalResult, local: LocalRound, weights: dict[str,
             raise TrainFnError(
                 f"train_fn's gradient of '{name}' is {shape}, not a tensor of shape {tuple(weights[name].shape)}"
             )
-        if not bool(torch.isfinite(gradient).all()):
+        if not all_finite(gradient):
             raise TrainingDivergedError(f"train_fn returned non-finite gradients of '{name}': training diverged")
     return ArrayRecord(torch_state_dict={name: gradients[name].detach().cpu() for name in local.masks or {}})
 

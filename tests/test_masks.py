@@ -432,3 +432,18 @@ def test_top_k_selects_the_first_k_of_the_total_order(n, levels, with_votes, see
     mine = M.top_k_mask(scores, k, torch.Generator().manual_seed(seed), votes)
     assert int(mine.sum()) == k
     assert torch.equal(mine, sorted_top_k(scores, k, torch.Generator().manual_seed(seed), votes))
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "finite"),
+    [
+        ([1.0, -2.0], torch.float32, True),
+        ([3e38] * 4, torch.float32, True),  # the sum overflows: the exact check decides
+        ([60000.0] * 4, torch.float16, True),
+        ([1.0, float("nan")], torch.float32, False),
+        ([float("inf"), -float("inf")], torch.float32, False),  # the sum is NaN
+        ([1.0, float("inf")], torch.float16, False),
+    ],
+)
+def test_all_finite_is_exact_when_the_fast_sum_overflows(values, dtype, finite):
+    assert M.all_finite(torch.tensor(values, dtype=dtype)) is finite
