@@ -12,7 +12,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from feddst_flwr.checkpoint import after_round, resume_point
 from feddst_flwr.config import ConfigError, ExperimentConfig
-from feddst_flwr.data import SPECS, PartitionScheme, RawDataset, client_test_weights, load_raw, partitions, to_tensors
+from feddst_flwr.data import (
+    SPECS,
+    DatasetError,
+    PartitionScheme,
+    RawDataset,
+    client_test_weights,
+    load_raw,
+    partitions,
+    to_tensors,
+)
 from feddst_flwr.grid import MeteredGrid, OrderedGrid, partition_ids
 from feddst_flwr.masks import maskable_names
 from feddst_flwr.metrics import RoundRecorder
@@ -56,6 +65,8 @@ def federation_partitions(raw: RawDataset, scheme: PartitionScheme, cfg: Experim
     ConfigError that says how to fix it, logged as one line before Flower's traceback."""
     try:
         return partitions(raw, scheme)
+    except DatasetError:  # a damaged partition cache, named: not a split problem
+        raise
     except ValueError as err:
         size = "num-partitions" if cfg.num_partitions else f"the federation's {scheme.num_partitions} SuperNodes"
         message = (

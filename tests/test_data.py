@@ -979,3 +979,16 @@ def test_a_damaged_partition_cache_is_computed_again(data_dir, cache, caplog):
     assert re.search(
         re.escape(str(stored)) + r": damaged partition cache .* computing the partitions again", caplog.text
     )
+
+
+def test_the_server_does_not_report_a_damaged_partition_cache_as_a_split_problem(monkeypatch, make_cfg):
+    """server_app turns the partitioner's ValueErrors into 'cannot split ...' advice; a
+    DatasetError (a ValueError too) naming a damaged file must reach the user as it is."""
+    import server_app
+
+    def damaged(raw, scheme):
+        raise DatasetError("/cache/partitions-0.npz: damaged partition cache (BadZipFile: ...)")
+
+    monkeypatch.setattr(server_app, "partitions", damaged)
+    with pytest.raises(DatasetError, match=r"^/cache/partitions-0.npz: damaged partition cache"):
+        server_app.federation_partitions(labelled(np.arange(20) % 10), scheme("iid", 2), make_cfg())
