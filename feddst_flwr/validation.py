@@ -1,7 +1,8 @@
 """Reply validation for every strategy (FedDST and Flower's own): a reply is used only if it
 answers the instruction its node was sent, record for record and metric for metric; one bad
 reply is turned into an error reply (the strategy drops it like a failed node) and the round
-goes on. After aggregation the new global model must be finite, else the round is discarded.
+goes on. After aggregation the new global model and the strategy's whole state (server
+momentum, Adam moments) must be finite, else the round is discarded and the state restored.
 
 `guarded(FedAvg)(...)` is FedAvg behind this guard; `build_strategy` guards every strategy."""
 
@@ -13,9 +14,11 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
+from types import ModuleType
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -130,9 +133,45 @@ def outliers(norms: list[float], factor: float) -> list[str | None]:
     ]  # fmt: skip
 
 
-def finite(arrays: ArrayRecord) -> bool:
-    """Every floating-point array of a (dense) ArrayRecord is finite."""
-    return all(np.isfinite(a.numpy()).all() for a in arrays.values() if np.issubdtype(np.dtype(a.dtype), np.floating))
+def nonfinite(value: Any, path: str, seen: set[int] | None = None) -> str | None:
+    """Where `value` holds a NaN or an infinity: `path` extended to the first floating-point
+    array (numpy, torch, or a dense Flower `Array`) that does, looking through mappings,
+    lists, tuples and objects' attributes (a strategy's whole state: the model, FedDST's
+    server optimizer, Flower's `m_t`, `v_t` and `momentum_vector`); None if nothing does.
+
+    Parameters
+    ----------
+    value : Any
+        An array, or a container or object holding arrays.
+    path : str
+        How the caller names `value` (e.g. "v_t").
+    seen : set[int] | None
+        Ids of the containers and objects already looked through (cycles are looked at once).
+
+    Returns
+    -------
+    str | None
+        E.g. "server_optimizer.v['fc1.weight']".
+    """
+    if isinstance(value, Array):
+        value = value.numpy() if value.stype == DENSE_STYPE else None
+    if isinstance(value, torch.Tensor):
+        return path if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    if isinstance(value, np.ndarray):
+        return path if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all() else None
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return None
+    if isinstance(value, Mapping):
+        children: Iterable[tuple[str, Any]] = ((f"{path}[{key!r}]", item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        children = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    elif hasattr(value, "__dict__") and not callable(value) and not isinstance(value, ModuleType):
+        children = ((f"{path}.{key}", item) for key, item in vars(value).items())
+    else:
+        return None
+    seen.add(id(value))
+    return next((where for name, item in children if (where := nonfinite(item, name, seen)) is not None), None)
 
 
 def same_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
@@ -155,8 +194,8 @@ class Health:
 class ReplyGuard(Strategy):
     """The guard around a strategy's training rounds: replies are checked against the
     instruction each node got, update-norm outliers are refused (max_update_norm), and a
-    non-finite aggregate is discarded together with the strategy's state. A subclass
-    implements `_configure_train` and `_aggregate_train` (where Flower's strategies implement
+    round after which the aggregate or the strategy's state (`state()`) is not finite is
+    discarded, the state restored. A subclass implements `_configure_train` and `_aggregate_train` (where Flower's strategies implement
     `configure_train` and `aggregate_train`, which the guard wraps: a subclass that overrides
     those is a TypeError, as it would bypass the guard); `guarded(cls)` does it for Flower's
     strategies."""
@@ -206,15 +245,22 @@ class ReplyGuard(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The strategy's aggregate of the screened replies, if it is finite."""
         replies = self.screen(list(replies))
-        kept = {k: v for k, v in vars(self).items() if k not in ("health", "_sent", "_global")}
-        before = copy.deepcopy(kept)
+        before = copy.deepcopy(self.state())
         arrays, metrics = self._aggregate_train(server_round, replies)
-        if arrays is not None and not finite(arrays):
+        problem = nonfinite(arrays, "the aggregated model") or next(
+            (where for name, value in self.state().items() if (where := nonfinite(value, name)) is not None), None
+        )
+        if problem is not None:
             vars(self).update(before)
             self.health.discarded = True
-            log(WARNING, "aggregate_train: round %d discarded, the aggregated model is not finite", server_round)
+            log(WARNING, "aggregate_train: round %d discarded, %s is not finite", server_round, problem)
             return None, None
         return (None if arrays is None else same_dtypes(arrays, self._global)), metrics
+
+    def state(self) -> dict[str, Any]:
+        """The strategy's state across rounds (every attribute but the guard's round state):
+        after aggregation it must be finite, else all of it is restored."""
+        return {name: value for name, value in vars(self).items() if name not in ("health", "_sent", "_global")}
 
     def screen(self, replies: list[Message]) -> list[Message]:
         """The replies, each refused one replaced by an error reply naming the reason."""

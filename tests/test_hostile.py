@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUE_DTYPES, VALUES_STYPE, HeldMask, decode, encode
 from feddst_flwr.mask_coding import CODED_HEADER, CODED_STYPE
-from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded
+from feddst_flwr.server_optimizer import ServerOptimizer
+from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded, nonfinite
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -33,6 +34,8 @@ STRATEGIES = {
     "fedavg": lambda: guarded(FedAvg)(**SAMPLE_ALL),
     "fedavgm": lambda: guarded(FedAvgM)(server_learning_rate=1.0, server_momentum=0.9, **SAMPLE_ALL),
     "fedadam": lambda: guarded(FedAdam)(eta=0.01, eta_l=0.1, **SAMPLE_ALL),
+    # float32 values: a float16 payload cannot carry 3e38
+    "feddst-adam": lambda: make_strategy(value_dtype="float32", server_optimizer=ServerOptimizer("adam", 0.01, 0.9)),
 }
 
 
@@ -47,7 +50,7 @@ class Federation:
         self.states = {node: RecordDict() for node in NODES}
         self.data = {node: random_data(16, seed=node) for node in NODES}
         initial = ArrayRecord(new_model().state_dict())
-        self.arrays = self.strategy.initialize(initial) if name == "feddst" else initial
+        self.arrays = self.strategy.initialize(initial) if name.startswith("feddst") else initial
 
     def configure(self, server_round: int) -> list[Message]:
         random.seed(server_round)  # Flower's strategies sample with the global RNG
@@ -347,6 +350,83 @@ def test_huge_finite_replies_under_server_momentum_are_discarded_not_applied(mak
     huge = [Message(layer("fc2.bias", lambda a: dense(np.full(10, 3e38, np.float32)))(r, None), reply_to=m)
             for r, m in zip(replies, messages)]  # fmt: skip
     assert federation.aggregate(2, huge) == (None, None) and federation.strategy.health.discarded
+
+
+def filled(value: float):
+    """Every float32 array of the reply (dense or sparse values) set to `value`."""
+
+    def tamper(reply: Message, strategy) -> RecordDict:
+        record = reply.content["arrays"]
+        fill = poke(lambda v: np.full_like(v, value))
+        return content(
+            reply, ArrayRecord({k: fill(record[k]) if record[k].dtype == "float32" else record[k] for k in record})
+        )
+
+    return tamper
+
+
+def honest_rounds(federation: Federation, rounds: range) -> None:
+    """Honest rounds in which the model trains: every round is kept and moves the weights."""
+    for server_round in rounds:
+        before = federation.arrays.to_torch_state_dict()
+        arrays, _ = federation.aggregate(
+            server_round, [federation.reply(m) for m in federation.configure(server_round)]
+        )
+        after = federation.arrays.to_torch_state_dict()
+        assert arrays is not None and not federation.strategy.health.discarded, server_round
+        assert all(not torch.equal(before[name], after[name]) for name in ("conv1.weight", "fc2.bias")), server_round
+
+
+def test_a_finite_reply_that_overflows_fedadams_moments_is_discarded_then_the_model_trains(make_cfg, caplog):
+    """3e38 is finite in float32, its square in v_t is not: the round is discarded with all of
+    FedAdam's state, and the run goes on as if that round had had no replies."""
+    federation, twin = Federation(make_cfg(), "fedadam"), Federation(make_cfg(), "fedadam")
+    federation.strategy.max_update_norm = twin.strategy.max_update_norm = 0.0  # off, as by default
+    federation.aggregate(1, federation.replies(1)[1])
+    twin.aggregate(1, twin.replies(1)[1])
+    before = copy.deepcopy(optimizer_state(federation.strategy))
+    messages = federation.configure(2)
+    replies = [federation.reply(m) for m in messages]
+    replies[1] = Message(filled(3e38)(replies[1], federation.strategy), reply_to=messages[1])
+    [twin.reply(m) for m in twin.configure(2)]  # the twin's nodes train too; none of it arrives
+
+    assert federation.aggregate(2, replies) == (None, None) and federation.strategy.health.discarded
+    assert "round 2 discarded, v_t['conv1.weight'] is not finite" in caplog.text
+    assert repr(optimizer_state(federation.strategy)) == repr(before)
+    assert twin.aggregate(2, []) == (None, None)
+    honest_rounds(federation, range(3, 9))
+    honest_rounds(twin, range(3, 9))
+    assert_identical(federation, twin)
+    assert nonfinite(optimizer_state(federation.strategy), "state") is None
+
+
+def test_a_finite_reply_under_feddst_adam_keeps_the_moments_finite_and_the_model_trains(make_cfg):
+    """FedDST's moments are float64: 3e38 (round 1, no readjustment) squares to about 1e74,
+    finite, so the round is kept; the six honest rounds after it all move the model."""
+    federation = Federation(make_cfg(value_dtype="float32"), "feddst-adam")
+    federation.strategy.max_update_norm = 0.0
+    messages = federation.configure(1)
+    replies = [federation.reply(m) for m in messages]
+    replies[1] = Message(filled(3e38)(replies[1], federation.strategy), reply_to=messages[1])
+
+    arrays, _ = federation.aggregate(1, replies)
+    optimizer = federation.strategy.server_optimizer
+    assert arrays is not None and not federation.strategy.health.discarded
+    assert nonfinite(optimizer_state(federation.strategy), "state") is None
+    assert 1e73 < max(float(v.max()) for v in optimizer.v.values()) < 1e75  # 0.01 x (3e38 / 3)^2
+    honest_rounds(federation, range(2, 8))
+    assert nonfinite(optimizer_state(federation.strategy), "state") is None
+
+
+def test_nonfinite_names_the_first_non_finite_array_of_a_state():
+    state = {
+        "m": [np.zeros(2)],
+        "v": {"w": torch.tensor([1.0, float("inf")])},
+        "masks": torch.ones(2, dtype=torch.bool),
+    }
+    assert nonfinite(state, "state") == "state['v']['w']"
+    assert nonfinite(ServerOptimizer("adam", 0.1, 0.9), "server_optimizer") is None
+    assert nonfinite(ArrayRecord({"b": Array(np.array([np.nan], np.float32))}), "model") == "model['b']"
 
 
 def test_the_error_reply_that_replaces_a_rejected_one_names_the_reason(make_cfg):
