@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 
 from . import protocol as P
 from .codec import CodecError, payload_bytes
-from .validation import check_number
+from .validation import check_number, instruction_of
 
 
 def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
@@ -141,8 +141,8 @@ class MeteredGrid(GridWrapper):
 
 class OrderedGrid(GridWrapper):
     """Lists nodes in a stable order (by partition-id, see `partition_ids`; node ids change
-    from run to run) and returns replies in the order the messages were sent, so seeded
-    sampling and aggregation are reproducible."""
+    from run to run) and returns replies in the order of the messages they answer (the
+    SuperLink's error replies included), so seeded sampling and aggregation are reproducible."""
 
     def __init__(self, grid: Grid, node_order: dict[int, int] | None = None) -> None:
         super().__init__(grid)
@@ -151,8 +151,10 @@ class OrderedGrid(GridWrapper):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         replies = self.grid.send_and_receive(messages, timeout=timeout)
-        position = {m.metadata.dst_node_id: i for i, m in enumerate(messages)}
-        return sorted(replies, key=lambda r: position.get(r.metadata.src_node_id, len(position)))
+        ids = {m.metadata.message_id: m for m in messages if m.metadata.message_id}
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        position = {id(m): i for i, m in enumerate(messages)}  # of the instruction a reply answers
+        return sorted(replies, key=lambda r: position.get(id(instruction_of(r, ids, by_node)), len(messages)))
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected nodes by partition-id (unknown nodes last, by id)."""

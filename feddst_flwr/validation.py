@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -263,17 +264,22 @@ class ReplyGuard(Strategy):
         return {name: value for name, value in vars(self).items() if name not in ("health", "_sent", "_global")}
 
     def screen(self, replies: list[Message]) -> list[Message]:
-        """The replies, each refused one replaced by an error reply naming the reason."""
+        """The replies, each refused one replaced by an error reply naming the reason; the
+        SuperLink's own error reply for an instruction (its node is unavailable) replaced by
+        the same error from that node, a failure of that node."""
         checked, answered = [], set()
+        ids = {m.metadata.message_id: m for m in self._sent.values() if m.metadata.message_id}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            sent = self._sent.get(node)
-            if sent is None or node in answered:
-                self.reject(
-                    node, "a second reply" if sent is not None else "a reply from a node that was not sent this round"
-                )
+            node, sent = reply.metadata.src_node_id, instruction_of(reply, ids, self._sent)
+            if sent is None or sent.metadata.dst_node_id in answered:
+                self.reject(node, "a second reply" if sent is not None else "a reply to no instruction of this round")
                 continue
-            answered.add(node)
+            if node != sent.metadata.dst_node_id:
+                if node != SUPERLINK_NODE_ID or not reply.has_error():
+                    self.reject(node, f"a reply to the instruction of node {sent.metadata.dst_node_id}")
+                    continue
+                reply = Message(reply.error, reply_to=sent)
+            answered.add(sent.metadata.dst_node_id)
             try:
                 if not reply.has_error():  # an error reply is the strategy's (a failed node)
                     check_reply(reply, Instruction.of(sent), self.max_num_examples)
@@ -309,6 +315,14 @@ class ReplyGuard(Strategy):
             if reason is not None:
                 replies[i] = self.refuse(self._sent[replies[i].metadata.src_node_id], reason)
         return replies
+
+
+def instruction_of(reply: Message, ids: Mapping[str, Message], by_node: Mapping[int, Message]) -> Message | None:
+    """The instruction `reply` answers: the one whose message id is its reply_to_message_id
+    (`ids`, message id -> instruction), or, where it has none (messages get ids from Flower's
+    runtime when sent), the one sent to its sender (`by_node`, node id -> instruction)."""
+    reply_to = reply.metadata.reply_to_message_id
+    return ids.get(reply_to) if reply_to else by_node.get(reply.metadata.src_node_id)
 
 
 S = TypeVar("S", bound=Strategy)

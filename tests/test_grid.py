@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from feddst_flwr import protocol as P
 from feddst_flwr.codec import encode, payload_bytes
@@ -124,6 +125,20 @@ def test_replies_come_back_in_the_order_the_messages_were_sent():
     messages = [instruction(node, {"arrays": sparse_record(False)}) for node in (4, 1, 2)]
     replies = grid.send_and_receive(messages, timeout=5.0)
     assert [r.metadata.src_node_id for r in replies] == [4, 1, 2]
+
+
+def test_the_superlinks_reply_comes_back_in_the_place_of_the_instruction_it_answers():
+    def reply(message: Message) -> Message:  # node 4 is lost: the SuperLink (node id 1) answers for it
+        if message.metadata.dst_node_id == 4:
+            return create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+        return reply_for(message)
+
+    messages = [instruction(node, {"arrays": sparse_record(False)}) for node in (5, 4, 2)]
+    for i, message in enumerate(messages):  # ids, as Flower's grids give them when they send
+        message.metadata.__dict__["_message_id"] = f"id-{i}"
+    replies = OrderedGrid(ShuffledGrid(reply)).send_and_receive(messages, timeout=5.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["id-0", "id-1", "id-2"]
+    assert [r.metadata.src_node_id for r in replies] == [5, 1, 2] and replies[1].has_error()
 
 
 def partition_reply(message: Message) -> Message:

@@ -16,6 +16,11 @@ import torch
 from conftest import random_data
 from fakes import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model, run_client
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import (
+    NODE_UNAVAILABLE_ERROR_REASON,
+    create_message_error_unavailable_res_message,
+)
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -447,6 +452,58 @@ def test_replies_from_unsent_nodes_and_second_replies_are_dropped(make_cfg):
     assert [r.split(":")[0] for r in federation.strategy.health.rejected] == [
         f"node {replies[0].metadata.src_node_id}",
         "node 99",
+    ]
+    assert_identical(federation, twin)
+
+
+def sent_with_ids(federation: Federation, server_round: int) -> tuple[list[Message], list[Message]]:
+    """A round's messages given ids as Flower's grids give them when they send them, and the
+    nodes' replies (each carrying its instruction's id as reply_to_message_id)."""
+    messages = federation.configure(server_round)
+    for i, message in enumerate(messages):
+        message.metadata.__dict__["_message_id"] = f"instruction-{server_round}-{i}"
+    return messages, [federation.reply(m) for m in messages]
+
+
+@pytest.mark.parametrize("name", ["feddst", "fedavg"])
+def test_the_superlinks_node_unavailable_reply_is_that_nodes_failure_not_a_rejection(make_cfg, name):
+    """Flower's SuperLink answers an instruction to a node that stopped heartbeating itself:
+    an error reply from node 1 (the SuperLink) whose reply_to_message_id is the instruction's."""
+    federation, twin = Federation(make_cfg(), name), Federation(make_cfg(), name)
+    messages, replies = sent_with_ids(federation, 1)
+    _, twin_replies = sent_with_ids(twin, 1)
+    lost = messages[1].metadata.dst_node_id
+    unavailable = create_message_error_unavailable_res_message(messages[1].metadata, "node_unavail")
+    assert unavailable.metadata.src_node_id == SUPERLINK_NODE_ID != lost
+
+    arrays, _ = federation.aggregate(1, [replies[0], unavailable, replies[2]])
+    twin.aggregate(1, [twin_replies[0], twin_replies[2]])
+
+    assert arrays is not None and federation.strategy.health.rejected == []
+    if name == "feddst":
+        failure = f"node {lost}: error reply {ErrorCode.NODE_UNAVAILABLE}: {NODE_UNAVAILABLE_ERROR_REASON}"
+        assert federation.strategy.stats.failures == [failure]
+    assert_identical(federation, twin)
+
+
+def test_replies_are_matched_to_instructions_by_message_id(make_cfg):
+    federation, twin = Federation(make_cfg(), "feddst"), Federation(make_cfg(), "feddst")
+    messages, replies = sent_with_ids(federation, 1)
+    _, twin_replies = sent_with_ids(twin, 1)
+    (first, second, third), stranger = (
+        (m.metadata.dst_node_id for m in messages),
+        Message(replies[0].content, reply_to=Message(RecordDict(), dst_node_id=99, message_type="train")),
+    )
+    answers_second = Message(replies[0].content, reply_to=messages[1])  # node `first`'s reply to `second`'s instruction
+    answers_second.metadata.__dict__["_src_node_id"] = first
+
+    federation.aggregate(1, [answers_second, *replies, replies[2], stranger])
+    twin.aggregate(1, twin_replies)
+
+    assert federation.strategy.health.rejected == [
+        f"node {first}: a reply to the instruction of node {second}",
+        f"node {third}: a second reply",
+        "node 99: a reply to no instruction of this round",
     ]
     assert_identical(federation, twin)
 
