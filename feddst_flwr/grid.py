@@ -3,6 +3,7 @@ stable node order."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import WARNING
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid
 
 from . import protocol as P
 from .codec import CodecError, payload_bytes
+from .config import ConfigError
 from .validation import check_number, instruction_of
 
 
@@ -28,11 +30,31 @@ def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
             if reply.has_error() or P.METRICS not in reply.content.metric_records:
                 raise CodecError("no partition-id in the reply")
             value = reply.content.metric_records[P.METRICS].get(P.PARTITION_ID)
-            check_number("reply metric", P.PARTITION_ID, value, int, 0, None)
+            check_number("reply metric", P.PARTITION_ID, value, int, -math.inf, None)  # range: check_partition_ids
             order[node] = int(P.number(reply.content.metric_records[P.METRICS], P.PARTITION_ID))
         except CodecError as err:
             log(WARNING, "node %d has no valid partition-id (%s): it is listed after the others", node, err)
     return order
+
+
+def check_partition_ids(order: dict[int, int], num_partitions: int) -> None:
+    """Every node's partition-id (`partition_ids`: node id -> partition-id) is its own and in
+    [0, num_partitions); ConfigError names the ids and the nodes otherwise (two nodes with one
+    id would train on the same data, and their order would be Flower's, not the seed's)."""
+    claims: dict[int, list[int]] = {}
+    for node, partition in sorted(order.items()):
+        claims.setdefault(partition, []).append(node)
+    problems = [
+        f"partition-id {partition} is claimed by nodes {', '.join(map(str, nodes))}"
+        for partition, nodes in sorted(claims.items()) if len(nodes) > 1
+    ] + [
+        f"node {node} has partition-id {partition}, outside [0, {num_partitions})"
+        for node, partition in sorted(order.items()) if not 0 <= partition < num_partitions
+    ]  # fmt: skip
+    if problems:
+        raise ConfigError(
+            f"SuperNode partition-ids: {'; '.join(problems)} (each node needs its own, in [0, num-partitions))"
+        )
 
 
 @dataclass

@@ -11,7 +11,8 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 
 from feddst_flwr import protocol as P
 from feddst_flwr.codec import encode, payload_bytes
-from feddst_flwr.grid import MeteredGrid, OrderedGrid, Traffic, partition_ids
+from feddst_flwr.config import ConfigError
+from feddst_flwr.grid import MeteredGrid, OrderedGrid, Traffic, check_partition_ids, partition_ids
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -155,3 +156,23 @@ def test_partition_ids_asks_every_node_and_skips_failures():
     assert partition_ids(inner) == {7: 5, 5: 7}
     assert sorted(m.metadata.dst_node_id for m in inner.sent) == [5, 6, 7]
     assert OrderedGrid(inner, partition_ids(inner)).get_node_ids() == [7, 5, 6]
+
+
+def test_duplicate_and_out_of_range_partition_ids_are_an_error_naming_ids_and_nodes():
+    def reply(message: Message) -> Message:
+        ids = {7: 2, 5: 2, 6: 9, 8: -1, 9: 0}
+        metrics = MetricRecord({P.PARTITION_ID: ids[message.metadata.dst_node_id]})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    grid = EchoGrid(reply)
+    grid.get_node_ids = lambda: [7, 5, 6, 8, 9]
+    order = partition_ids(grid)
+    assert order == {7: 2, 5: 2, 6: 9, 8: -1, 9: 0}
+    expected = (
+        "SuperNode partition-ids: partition-id 2 is claimed by nodes 5, 7; node 6 has partition-id 9, outside [0, 5); "
+        "node 8 has partition-id -1, outside [0, 5) (each node needs its own, in [0, num-partitions))"
+    )
+    with pytest.raises(ConfigError) as raised:
+        check_partition_ids(order, 5)
+    assert str(raised.value) == expected
+    check_partition_ids({7: 1, 5: 0, 6: 4}, 5)  # distinct, in range: nothing to say
