@@ -82,6 +82,44 @@ def test_node_keys_are_openssh_ec_pairs(tmp_path):
     assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
 
 
+def fake_executable(path: Path, code: str) -> Path:
+    """An executable Python script standing in for a Flower command."""
+    path.write_text(f"#!{sys.executable}\n{code}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_up_records_the_superlink_at_once_and_reports_its_log_when_it_fails(tmp_path, monkeypatch):
+    fake = fake_executable(tmp_path / "flower-superlink", "print('flower-superexec: not found', flush=True); exit(1)")
+    monkeypatch.setattr(local, "bin_path", lambda name: str(fake))
+    state = tmp_path / "state"
+    with pytest.raises(RuntimeError) as raised:
+        local.up(state, 2, free_ports(41100, 1), tls=False)
+    pid = json.loads((state / "pids.json").read_text())["pids"]["superlink"]
+    log = state / "logs" / "superlink.log"
+    assert str(raised.value) == f"superlink (PID {pid}) exited; the last lines of {log}:\nflower-superexec: not found"
+    assert local.down(state) == [pid] and not (state / "pids.json").exists()
+
+
+def test_down_stops_the_processes_the_recorded_ones_started_in_sessions_of_their_own(tmp_path):
+    """As the SuperLink starts its SuperExec (a session of its own), which starts a ServerApp."""
+    grandchild = "import time; time.sleep(300)"
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(300)"
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); time.sleep(300)"
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    pid = local.spawn([sys.executable, "-c", parent], state / "logs" / "superlink.log")
+    (state / "pids.json").write_text(json.dumps({"pids": {"superlink": pid}}))
+    deadline = time.time() + 60
+    while len(local.started_by([pid])) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    tree = local.started_by([pid])
+    assert len(tree) == 3 and len({os.getsid(p) for p in tree}) == 2  # the child and grandchild: a session of their own
+
+    assert local.down(state, grace=5) == tree
+    assert not any(local.alive(p) for p in tree)
+
+
 def online_nodes(home: str) -> list[str]:
     return [
         node["node-id"]
