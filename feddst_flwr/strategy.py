@@ -79,7 +79,8 @@ class FedDST(ReplyGuard):
         the weighted average).
     max_update_norm : float (default: 0.0)
         A reply whose update (its values minus the global model's) has an L2 norm above
-        this multiple of the round's median is rejected; 0: no bound.
+        this multiple of the median of the round's other valid replies is rejected
+        (leave-one-out: with two replies, each is judged against the other); 0: no bound.
     value_dtype : str (default: "float16")
         Wire dtype of the sparse values ("float16" or "float32"), downloads and replies: a
         client answers in the dtype of the values it received.

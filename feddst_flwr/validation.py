@@ -121,16 +121,22 @@ def update_norm(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) ->
     return math.sqrt(sum(squares))
 
 
+def peer_medians(norms: list[float]) -> list[float]:
+    """Per update norm, the median of the others (leave-one-out): a reply is never judged
+    against a median it pulls up itself, as with two replies, whose median is their mean."""
+    return [statistics.median(norms[:i] + norms[i + 1 :]) for i in range(len(norms))]
+
+
 def outliers(norms: list[float], factor: float) -> list[str | None]:
-    """Per update norm, why it is refused (above `factor` x the median), else None; factor
-    0 refuses nothing, and a lone reply has no peers to compare with."""
+    """Per update norm, why it is refused (above `factor` x the median of the round's other
+    norms, `peer_medians`), else None; factor 0 refuses nothing, and a lone reply has no
+    peers to compare with."""
     if factor <= 0 or len(norms) < 2:
         return [None] * len(norms)
-    median = statistics.median(norms)
     return [
-        f"update norm {norm:.4g} exceeds max-update-norm {factor} x the round's median {median:.4g}"
+        f"update norm {norm:.4g} exceeds max-update-norm {factor} x the median of the other replies' {median:.4g}"
         if norm > factor * median else None
-        for norm in norms
+        for norm, median in zip(norms, peer_medians(norms))
     ]  # fmt: skip
 
 
@@ -202,7 +208,7 @@ class ReplyGuard(Strategy):
     strategies."""
 
     max_num_examples: int = 1_000_000
-    max_update_norm: float = 0.0  # multiple of the round's median update norm; 0: off
+    max_update_norm: float = 0.0  # multiple of the median of the other replies' update norms; 0: off
     health: Health  # this round's (see configure_train)
     _sent: dict[int, Message]  # node id -> this round's instruction
     _global: ArrayRecord  # this round's global model

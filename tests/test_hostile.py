@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUE_DTYPES, VALUES_STYPE, HeldMask, decode, encode
 from feddst_flwr.mask_coding import CODED_HEADER, CODED_STYPE
 from feddst_flwr.server_optimizer import ServerOptimizer
-from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded, nonfinite
+from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded, nonfinite, outliers
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -432,6 +432,27 @@ def test_nonfinite_names_the_first_non_finite_array_of_a_state():
     assert nonfinite(state, "state") == "state['v']['w']"
     assert nonfinite(ServerOptimizer("adam", 0.1, 0.9), "server_optimizer") is None
     assert nonfinite(ArrayRecord({"b": Array(np.array([np.nan], np.float32))}), "model") == "model['b']"
+
+
+def test_update_norms_are_judged_against_the_median_of_the_other_replies():
+    reason = "update norm {} exceeds max-update-norm 10.0 x the median of the other replies' {}"
+    assert outliers([1.0, 100.0], 10.0) == [None, reason.format(100, 1)]  # the mean of the two would let it pass
+    assert outliers([1.0, 2.0, 30.0], 10.0) == [None, None, reason.format(30, 1.5)]
+    assert outliers([1.0, 100.0], 0.0) == [None, None] and outliers([100.0], 10.0) == [None]
+
+
+@pytest.mark.parametrize("name", ["feddst", "fedavg"])
+def test_a_scaled_update_is_refused_when_only_two_replies_are_valid(make_cfg, name):
+    federation, messages, replies = prepared(make_cfg(), name, 2)
+    federation.strategy.max_update_norm = 10.0
+    scaled_reply = Message(scaled(100.0)(replies[1], federation.strategy), reply_to=messages[1])
+    federation.aggregate(2, [replies[0], scaled_reply])  # the third node does not answer
+    (rejected,) = federation.strategy.health.rejected
+    assert re.fullmatch(
+        rf"node {messages[1].metadata.dst_node_id}: update norm \S+ exceeds max-update-norm 10.0 x the median of "
+        r"the other replies' \S+",
+        rejected,
+    ), rejected
 
 
 def test_the_error_reply_that_replaces_a_rejected_one_names_the_reason(make_cfg):
