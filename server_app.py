@@ -22,7 +22,7 @@ from feddst_flwr.data import (
     partitions,
     to_tensors,
 )
-from feddst_flwr.grid import MeteredGrid, OrderedGrid, partition_ids
+from feddst_flwr.grid import MeteredGrid, OrderedGrid, check_partition_ids, partition_ids
 from feddst_flwr.masks import maskable_names
 from feddst_flwr.metrics import RoundRecorder
 from feddst_flwr.models import build_model
@@ -40,8 +40,10 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg.model, num_classes, cfg.seed)
     raw = load_raw(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.test_fraction, cfg.seed)
     metered = MeteredGrid(grid)  # payload bytes of every message and reply
-    ordered = OrderedGrid(metered, partition_ids(grid))  # stable node and reply order: reproducible runs
+    order = partition_ids(grid)
     scheme = partition_scheme(cfg, cfg.num_partitions or len(list(grid.get_node_ids())))
+    check_partition_ids(order, scheme.num_partitions)
+    ordered = OrderedGrid(metered, order)  # stable node and reply order: reproducible runs
     client_weights = client_test_weights(raw, federation_partitions(raw, scheme, cfg), scheme, num_classes)
     strategy = build_strategy(cfg, maskable_names(model))
     sparse = is_sparse(cfg)

@@ -1,11 +1,13 @@
-"""The server's view of the Grid (Flower's node messaging): payload byte metering and a
-stable node order."""
+"""The server's view of the Grid (Flower's node messaging): payload byte metering, a
+stable node order, and a bounded wait for nodes."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
@@ -13,7 +15,8 @@ from flwr.serverapp import Grid
 
 from . import protocol as P
 from .codec import CodecError, payload_bytes
-from .validation import check_number
+from .config import ConfigError
+from .validation import check_number, instruction_of
 
 
 def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
@@ -28,11 +31,47 @@ def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
             if reply.has_error() or P.METRICS not in reply.content.metric_records:
                 raise CodecError("no partition-id in the reply")
             value = reply.content.metric_records[P.METRICS].get(P.PARTITION_ID)
-            check_number("reply metric", P.PARTITION_ID, value, int, 0, None)
+            check_number("reply metric", P.PARTITION_ID, value, int, -math.inf, None)  # range: check_partition_ids
             order[node] = int(P.number(reply.content.metric_records[P.METRICS], P.PARTITION_ID))
         except CodecError as err:
             log(WARNING, "node %d has no valid partition-id (%s): it is listed after the others", node, err)
     return order
+
+
+def wait_for_nodes(grid: Grid, wanted: int, deadline: float) -> list[int]:
+    """The connected nodes, once `wanted` of them are or at `deadline` (a `time.monotonic()`
+    time) with those that are, polling every second (Flower's `sample_nodes` waits without
+    a bound)."""
+    while len(nodes := list(grid.get_node_ids())) < wanted and (left := deadline - time.monotonic()) > 0:
+        log(
+            INFO,
+            "Waiting for nodes to connect: %d connected, %d wanted (at most %.0f s more)",
+            len(nodes),
+            wanted,
+            left,
+        )
+        time.sleep(min(1.0, left))
+    return nodes
+
+
+def check_partition_ids(order: dict[int, int], num_partitions: int) -> None:
+    """Every node's partition-id (`partition_ids`: node id -> partition-id) is its own and in
+    [0, num_partitions); ConfigError names the ids and the nodes otherwise (two nodes with one
+    id would train on the same data, and their order would be Flower's, not the seed's)."""
+    claims: dict[int, list[int]] = {}
+    for node, partition in sorted(order.items()):
+        claims.setdefault(partition, []).append(node)
+    problems = [
+        f"partition-id {partition} is claimed by nodes {', '.join(map(str, nodes))}"
+        for partition, nodes in sorted(claims.items()) if len(nodes) > 1
+    ] + [
+        f"node {node} has partition-id {partition}, outside [0, {num_partitions})"
+        for node, partition in sorted(order.items()) if not 0 <= partition < num_partitions
+    ]  # fmt: skip
+    if problems:
+        raise ConfigError(
+            f"SuperNode partition-ids: {'; '.join(problems)} (each node needs its own, in [0, num-partitions))"
+        )
 
 
 @dataclass
@@ -141,8 +180,8 @@ class MeteredGrid(GridWrapper):
 
 class OrderedGrid(GridWrapper):
     """Lists nodes in a stable order (by partition-id, see `partition_ids`; node ids change
-    from run to run) and returns replies in the order the messages were sent, so seeded
-    sampling and aggregation are reproducible."""
+    from run to run) and returns replies in the order of the messages they answer (the
+    SuperLink's error replies included), so seeded sampling and aggregation are reproducible."""
 
     def __init__(self, grid: Grid, node_order: dict[int, int] | None = None) -> None:
         super().__init__(grid)
@@ -151,8 +190,10 @@ class OrderedGrid(GridWrapper):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         replies = self.grid.send_and_receive(messages, timeout=timeout)
-        position = {m.metadata.dst_node_id: i for i, m in enumerate(messages)}
-        return sorted(replies, key=lambda r: position.get(r.metadata.src_node_id, len(position)))
+        ids = {m.metadata.message_id: m for m in messages if m.metadata.message_id}
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        position = {id(m): i for i, m in enumerate(messages)}  # of the instruction a reply answers
+        return sorted(replies, key=lambda r: position.get(id(instruction_of(r, ids, by_node)), len(messages)))
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected nodes by partition-id (unknown nodes last, by id)."""

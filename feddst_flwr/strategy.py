@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -13,12 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from . import protocol as P
 from .aggregation import ClientUpdate, RoundStats, magnitude_reprune, sparse_average
 from .checkpoint import Checkpoint, CheckpointError, check_shapes
 from .codec import DEFAULT_VALUE_DTYPE, CodecError, HeldMask, decode, encode
+from .grid import wait_for_nodes
 from .mask_rules import ThompsonRule, numpy_rng
 from .masks import (
     Masks,
@@ -77,7 +79,8 @@ class FedDST(ReplyGuard):
         the weighted average).
     max_update_norm : float (default: 0.0)
         A reply whose update (its values minus the global model's) has an L2 norm above
-        this multiple of the round's median is rejected; 0: no bound.
+        this multiple of the median of the round's other valid replies is rejected
+        (leave-one-out: with two replies, each is judged against the other); 0: no bound.
     value_dtype : str (default: "float16")
         Wire dtype of the sparse values ("float16" or "float32"), downloads and replies: a
         client answers in the dtype of the values it received.
@@ -150,6 +153,8 @@ class FedDST(ReplyGuard):
         self.sampled: list[int] = []  # this round's nodes
         self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
         self.stats = RoundStats()
+        self.round_timeout = 3600.0  # seconds a round waits for replies, and for missing nodes (`start` sets it)
+        self.nodes_missing_since: float | None = None  # time.monotonic() when wanted nodes went missing
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -205,6 +210,7 @@ class FedDST(ReplyGuard):
         """Flower's round loop (training, then `evaluate_fn`; FedDST has no federated
         evaluation, so evaluate_config is unused), from round 1 or after a checkpoint."""
         self.resolve_r_end(num_rounds)
+        self.round_timeout = timeout
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
         self.summary()
         train_config = train_config or ConfigRecord()
@@ -277,11 +283,47 @@ class FedDST(ReplyGuard):
         return ArrayRecord(arrays)
 
     def sample(self, grid: Grid) -> list[int]:
-        """Step 2: sample nodes without replacement with the strategy's seeded RNG."""
+        """Step 2: sample nodes without replacement with the strategy's seeded RNG.
+
+        A round wants `clients_per_round` nodes (else the fraction, at least min_train_nodes),
+        and at least min_available_nodes connected. It waits for them at most `round_timeout`
+        seconds from when they were first missing (a node lost for good costs one wait, not
+        one a round); then it samples the nodes connected if at least ceil(min_fit_fraction x
+        the sample size) are, and logs it.
+
+        Raises
+        ------
+        RuntimeError
+            Fewer nodes than that are connected: the message says how many are missing.
+        """
         connected = len(list(grid.get_node_ids()))
         size = self.clients_per_round or max(int(connected * self.fraction_train), self.min_train_nodes)
-        _, all_nodes = sample_nodes(grid, self.min_available_nodes, size)  # waits for nodes
-        return self.rng.sample(all_nodes, size)  # in the grid's order (OrderedGrid: by partition-id)
+        wanted = max(size, self.min_available_nodes)
+        since = time.monotonic() if self.nodes_missing_since is None else self.nodes_missing_since
+        nodes = wait_for_nodes(grid, wanted, since + self.round_timeout)
+        self.nodes_missing_since = since if len(nodes) < wanted else None
+        if len(nodes) < wanted:
+            self.check_enough(len(nodes), wanted, size, time.monotonic() - since)
+        return self.rng.sample(nodes, min(size, len(nodes)))  # in the grid's order (OrderedGrid: by partition-id)
+
+    def check_enough(self, connected: int, wanted: int, size: int, waited: float) -> None:
+        """After the wait for nodes: log that the round samples the `connected` ones, or raise
+        RuntimeError if fewer than ceil(min_fit_fraction x size) (at least 1) are."""
+        need = max(1, math.ceil(self.min_fit_fraction * size))
+        if connected < need:
+            raise RuntimeError(
+                f"{connected} of the {wanted} nodes wanted are connected after waiting {waited:.1f} s "
+                f"(round-timeout {self.round_timeout:g} s); a round needs at least {need} "
+                f"(min-fit-fraction {self.min_fit_fraction:g} x {size}): {need - connected} missing"
+            )
+        log(
+            WARNING,
+            "configure_train: %d of the %d nodes wanted are connected after waiting %.1f s: the round samples %d",
+            connected,
+            wanted,
+            waited,
+            min(size, connected),
+        )
 
     def _configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -1,7 +1,8 @@
 """Reply validation for every strategy (FedDST and Flower's own): a reply is used only if it
 answers the instruction its node was sent, record for record and metric for metric; one bad
 reply is turned into an error reply (the strategy drops it like a failed node) and the round
-goes on. After aggregation the new global model must be finite, else the round is discarded.
+goes on. After aggregation the new global model and the strategy's whole state (server
+momentum, Adam moments) must be finite, else the round is discarded and the state restored.
 
 `guarded(FedAvg)(...)` is FedAvg behind this guard; `build_strategy` guards every strategy."""
 
@@ -13,11 +14,14 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
+from types import ModuleType
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -117,22 +121,64 @@ def update_norm(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) ->
     return math.sqrt(sum(squares))
 
 
+def peer_medians(norms: list[float]) -> list[float]:
+    """Per update norm, the median of the others (leave-one-out): a reply is never judged
+    against a median it pulls up itself, as with two replies, whose median is their mean."""
+    return [statistics.median(norms[:i] + norms[i + 1 :]) for i in range(len(norms))]
+
+
 def outliers(norms: list[float], factor: float) -> list[str | None]:
-    """Per update norm, why it is refused (above `factor` x the median), else None; factor
-    0 refuses nothing, and a lone reply has no peers to compare with."""
+    """Per update norm, why it is refused (above `factor` x the median of the round's other
+    norms, `peer_medians`), else None; factor 0 refuses nothing, and a lone reply has no
+    peers to compare with."""
     if factor <= 0 or len(norms) < 2:
         return [None] * len(norms)
-    median = statistics.median(norms)
     return [
-        f"update norm {norm:.4g} exceeds max-update-norm {factor} x the round's median {median:.4g}"
+        f"update norm {norm:.4g} exceeds max-update-norm {factor} x the median of the other replies' {median:.4g}"
         if norm > factor * median else None
-        for norm in norms
+        for norm, median in zip(norms, peer_medians(norms))
     ]  # fmt: skip
 
 
-def finite(arrays: ArrayRecord) -> bool:
-    """Every floating-point array of a (dense) ArrayRecord is finite."""
-    return all(np.isfinite(a.numpy()).all() for a in arrays.values() if np.issubdtype(np.dtype(a.dtype), np.floating))
+def nonfinite(value: Any, path: str, seen: set[int] | None = None) -> str | None:
+    """Where `value` holds a NaN or an infinity: `path` extended to the first floating-point
+    array (numpy, torch, or a dense Flower `Array`) that does, looking through mappings,
+    lists, tuples and objects' attributes (a strategy's whole state: the model, FedDST's
+    server optimizer, Flower's `m_t`, `v_t` and `momentum_vector`); None if nothing does.
+
+    Parameters
+    ----------
+    value : Any
+        An array, or a container or object holding arrays.
+    path : str
+        How the caller names `value` (e.g. "v_t").
+    seen : set[int] | None
+        Ids of the containers and objects already looked through (cycles are looked at once).
+
+    Returns
+    -------
+    str | None
+        E.g. "server_optimizer.v['fc1.weight']".
+    """
+    if isinstance(value, Array):
+        value = value.numpy() if value.stype == DENSE_STYPE else None
+    if isinstance(value, torch.Tensor):
+        return path if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    if isinstance(value, np.ndarray):
+        return path if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all() else None
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return None
+    if isinstance(value, Mapping):
+        children: Iterable[tuple[str, Any]] = ((f"{path}[{key!r}]", item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        children = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    elif hasattr(value, "__dict__") and not callable(value) and not isinstance(value, ModuleType):
+        children = ((f"{path}.{key}", item) for key, item in vars(value).items())
+    else:
+        return None
+    seen.add(id(value))
+    return next((where for name, item in children if (where := nonfinite(item, name, seen)) is not None), None)
 
 
 def same_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
@@ -155,14 +201,14 @@ class Health:
 class ReplyGuard(Strategy):
     """The guard around a strategy's training rounds: replies are checked against the
     instruction each node got, update-norm outliers are refused (max_update_norm), and a
-    non-finite aggregate is discarded together with the strategy's state. A subclass
-    implements `_configure_train` and `_aggregate_train` (where Flower's strategies implement
+    round after which the aggregate or the strategy's state (`state()`) is not finite is
+    discarded, the state restored. A subclass implements `_configure_train` and `_aggregate_train` (where Flower's strategies implement
     `configure_train` and `aggregate_train`, which the guard wraps: a subclass that overrides
     those is a TypeError, as it would bypass the guard); `guarded(cls)` does it for Flower's
     strategies."""
 
     max_num_examples: int = 1_000_000
-    max_update_norm: float = 0.0  # multiple of the round's median update norm; 0: off
+    max_update_norm: float = 0.0  # multiple of the median of the other replies' update norms; 0: off
     health: Health  # this round's (see configure_train)
     _sent: dict[int, Message]  # node id -> this round's instruction
     _global: ArrayRecord  # this round's global model
@@ -206,28 +252,40 @@ class ReplyGuard(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The strategy's aggregate of the screened replies, if it is finite."""
         replies = self.screen(list(replies))
-        kept = {k: v for k, v in vars(self).items() if k not in ("health", "_sent", "_global")}
-        before = copy.deepcopy(kept)
+        before = copy.deepcopy(self.state())
         arrays, metrics = self._aggregate_train(server_round, replies)
-        if arrays is not None and not finite(arrays):
+        problem = nonfinite(arrays, "the aggregated model") or next(
+            (where for name, value in self.state().items() if (where := nonfinite(value, name)) is not None), None
+        )
+        if problem is not None:
             vars(self).update(before)
             self.health.discarded = True
-            log(WARNING, "aggregate_train: round %d discarded, the aggregated model is not finite", server_round)
+            log(WARNING, "aggregate_train: round %d discarded, %s is not finite", server_round, problem)
             return None, None
         return (None if arrays is None else same_dtypes(arrays, self._global)), metrics
 
+    def state(self) -> dict[str, Any]:
+        """The strategy's state across rounds (every attribute but the guard's round state):
+        after aggregation it must be finite, else all of it is restored."""
+        return {name: value for name, value in vars(self).items() if name not in ("health", "_sent", "_global")}
+
     def screen(self, replies: list[Message]) -> list[Message]:
-        """The replies, each refused one replaced by an error reply naming the reason."""
+        """The replies, each refused one replaced by an error reply naming the reason; the
+        SuperLink's own error reply for an instruction (its node is unavailable) replaced by
+        the same error from that node, a failure of that node."""
         checked, answered = [], set()
+        ids = {m.metadata.message_id: m for m in self._sent.values() if m.metadata.message_id}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            sent = self._sent.get(node)
-            if sent is None or node in answered:
-                self.reject(
-                    node, "a second reply" if sent is not None else "a reply from a node that was not sent this round"
-                )
+            node, sent = reply.metadata.src_node_id, instruction_of(reply, ids, self._sent)
+            if sent is None or sent.metadata.dst_node_id in answered:
+                self.reject(node, "a second reply" if sent is not None else "a reply to no instruction of this round")
                 continue
-            answered.add(node)
+            if node != sent.metadata.dst_node_id:
+                if node != SUPERLINK_NODE_ID or not reply.has_error():
+                    self.reject(node, f"a reply to the instruction of node {sent.metadata.dst_node_id}")
+                    continue
+                reply = Message(reply.error, reply_to=sent)
+            answered.add(sent.metadata.dst_node_id)
             try:
                 if not reply.has_error():  # an error reply is the strategy's (a failed node)
                     check_reply(reply, Instruction.of(sent), self.max_num_examples)
@@ -263,6 +321,14 @@ class ReplyGuard(Strategy):
             if reason is not None:
                 replies[i] = self.refuse(self._sent[replies[i].metadata.src_node_id], reason)
         return replies
+
+
+def instruction_of(reply: Message, ids: Mapping[str, Message], by_node: Mapping[int, Message]) -> Message | None:
+    """The instruction `reply` answers: the one whose message id is its reply_to_message_id
+    (`ids`, message id -> instruction), or, where it has none (messages get ids from Flower's
+    runtime when sent), the one sent to its sender (`by_node`, node id -> instruction)."""
+    reply_to = reply.metadata.reply_to_message_id
+    return ids.get(reply_to) if reply_to else by_node.get(reply.metadata.src_node_id)
 
 
 S = TypeVar("S", bound=Strategy)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -82,6 +83,44 @@ def test_node_keys_are_openssh_ec_pairs(tmp_path):
     assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
 
 
+def fake_executable(path: Path, code: str) -> Path:
+    """An executable Python script standing in for a Flower command."""
+    path.write_text(f"#!{sys.executable}\n{code}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_up_records_the_superlink_at_once_and_reports_its_log_when_it_fails(tmp_path, monkeypatch):
+    fake = fake_executable(tmp_path / "flower-superlink", "print('flower-superexec: not found', flush=True); exit(1)")
+    monkeypatch.setattr(local, "bin_path", lambda name: str(fake))
+    state = tmp_path / "state"
+    with pytest.raises(RuntimeError) as raised:
+        local.up(state, 2, free_ports(41100, 1), tls=False)
+    pid = json.loads((state / "pids.json").read_text())["pids"]["superlink"]
+    log = state / "logs" / "superlink.log"
+    assert str(raised.value) == f"superlink (PID {pid}) exited; the last lines of {log}:\nflower-superexec: not found"
+    assert local.down(state) == [pid] and not (state / "pids.json").exists()
+
+
+def test_down_stops_the_processes_the_recorded_ones_started_in_sessions_of_their_own(tmp_path):
+    """As the SuperLink starts its SuperExec (a session of its own), which starts a ServerApp."""
+    grandchild = "import time; time.sleep(300)"
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(300)"
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); time.sleep(300)"
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    pid = local.spawn([sys.executable, "-c", parent], state / "logs" / "superlink.log")
+    (state / "pids.json").write_text(json.dumps({"pids": {"superlink": pid}}))
+    deadline = time.time() + 60
+    while len(local.started_by([pid])) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    tree = local.started_by([pid])
+    assert len(tree) == 3 and len({os.getsid(p) for p in tree}) == 2  # the child and grandchild: a session of their own
+
+    assert local.down(state, grace=5) == tree
+    assert not any(local.alive(p) for p in tree)
+
+
 def online_nodes(home: str) -> list[str]:
     return [
         node["node-id"]
@@ -132,3 +171,48 @@ def test_feddst_on_superlink_and_supernodes_with_tls(deployment, tmp_path):
     # metadata, config and metric records, protobuf framing and the node's polling, about 60 kB
     # in this run whatever the payload (59 kB over 1.09 MB in float32, 60 kB over 0.54 MB in float16)
     assert ours <= superlink <= ours + 100_000, (ours, run["network-traffic"])
+
+
+def wait_for_round(metrics: Path, server_round: int, timeout: float = 480) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and any(
+            json.loads(line)["round"] == server_round for line in metrics.read_text().splitlines()
+        ):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"round {server_round} not recorded in {metrics} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_node_lost_for_good_does_not_hang_the_run(tmp_path):
+    """clients-per-round = the federation's 3 nodes; one is killed after round 1. The round it
+    dies in ends by round-timeout (or the SuperLink's NODE_UNAVAILABLE reply, a failure, never
+    a rejection); later rounds wait for it once, then sample the two left: the run finishes."""
+    nodes, state = 3, tmp_path / "state"
+    info = local.up(state, nodes, free_ports(41200, nodes + 1), tls=True)
+    try:
+        home = info["flwr_home"]
+        deadline = time.time() + 60
+        while len(online_nodes(home)) < nodes and time.time() < deadline:
+            time.sleep(1)
+        assert len(online_nodes(home)) == nodes
+        config = {
+            "num-server-rounds": 4, "clients-per-round": nodes, "round-timeout": 60.0, "local-epochs": 1,
+            "partition": "iid", "run-name": "lost-node", "results-dir": str(tmp_path),
+        }  # fmt: skip
+        run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+        run_id = str(flwr(home, "run", ".", local.FEDERATION, "--run-config", run_config)["run-id"])
+        metrics = tmp_path / "lost-node" / "metrics.jsonl"
+        wait_for_round(metrics, 1)
+        os.killpg(info["pids"]["supernode-2"], signal.SIGKILL)  # the node and its ClientApp, for good
+
+        run = wait_for_run(home, run_id, timeout=600)
+        assert run["status"] == "finished:completed", run
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
+        assert records[1]["replies"] == nodes and all(r["rejected"] == 0 for r in records[1:])
+        assert records[4]["replies"] == 2 and records[4]["failures"] == 0 and records[4]["skipped"] == 0
+    finally:
+        pids = local.down(state)
+        assert pids and not any(local.alive(pid) for pid in pids)

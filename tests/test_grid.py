@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from feddst_flwr import protocol as P
 from feddst_flwr.codec import encode, payload_bytes
-from feddst_flwr.grid import MeteredGrid, OrderedGrid, Traffic, partition_ids
+from feddst_flwr.config import ConfigError
+from feddst_flwr.grid import MeteredGrid, OrderedGrid, Traffic, check_partition_ids, partition_ids
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -126,6 +128,20 @@ def test_replies_come_back_in_the_order_the_messages_were_sent():
     assert [r.metadata.src_node_id for r in replies] == [4, 1, 2]
 
 
+def test_the_superlinks_reply_comes_back_in_the_place_of_the_instruction_it_answers():
+    def reply(message: Message) -> Message:  # node 4 is lost: the SuperLink (node id 1) answers for it
+        if message.metadata.dst_node_id == 4:
+            return create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+        return reply_for(message)
+
+    messages = [instruction(node, {"arrays": sparse_record(False)}) for node in (5, 4, 2)]
+    for i, message in enumerate(messages):  # ids, as Flower's grids give them when they send
+        message.metadata.__dict__["_message_id"] = f"id-{i}"
+    replies = OrderedGrid(ShuffledGrid(reply)).send_and_receive(messages, timeout=5.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["id-0", "id-1", "id-2"]
+    assert [r.metadata.src_node_id for r in replies] == [5, 1, 2] and replies[1].has_error()
+
+
 def partition_reply(message: Message) -> Message:
     """A client app's answer to the partition-id query; node 6 is an old client without one."""
     assert message.metadata.message_type == MessageType.QUERY
@@ -140,3 +156,23 @@ def test_partition_ids_asks_every_node_and_skips_failures():
     assert partition_ids(inner) == {7: 5, 5: 7}
     assert sorted(m.metadata.dst_node_id for m in inner.sent) == [5, 6, 7]
     assert OrderedGrid(inner, partition_ids(inner)).get_node_ids() == [7, 5, 6]
+
+
+def test_duplicate_and_out_of_range_partition_ids_are_an_error_naming_ids_and_nodes():
+    def reply(message: Message) -> Message:
+        ids = {7: 2, 5: 2, 6: 9, 8: -1, 9: 0}
+        metrics = MetricRecord({P.PARTITION_ID: ids[message.metadata.dst_node_id]})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    grid = EchoGrid(reply)
+    grid.get_node_ids = lambda: [7, 5, 6, 8, 9]
+    order = partition_ids(grid)
+    assert order == {7: 2, 5: 2, 6: 9, 8: -1, 9: 0}
+    expected = (
+        "SuperNode partition-ids: partition-id 2 is claimed by nodes 5, 7; node 6 has partition-id 9, outside [0, 5); "
+        "node 8 has partition-id -1, outside [0, 5) (each node needs its own, in [0, num-partitions))"
+    )
+    with pytest.raises(ConfigError) as raised:
+        check_partition_ids(order, 5)
+    assert str(raised.value) == expected
+    check_partition_ids({7: 1, 5: 0, 6: 4}, 5)  # distinct, in range: nothing to say

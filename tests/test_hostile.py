@@ -16,13 +16,19 @@ import torch
 from conftest import random_data
 from fakes import MASKABLE, SHAPES, FakeGrid, make_strategy, new_model, run_client
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import (
+    NODE_UNAVAILABLE_ERROR_REASON,
+    create_message_error_unavailable_res_message,
+)
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUE_DTYPES, VALUES_STYPE, HeldMask, decode, encode
 from feddst_flwr.mask_coding import CODED_HEADER, CODED_STYPE
-from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded
+from feddst_flwr.server_optimizer import ServerOptimizer
+from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded, nonfinite, outliers
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -33,6 +39,8 @@ STRATEGIES = {
     "fedavg": lambda: guarded(FedAvg)(**SAMPLE_ALL),
     "fedavgm": lambda: guarded(FedAvgM)(server_learning_rate=1.0, server_momentum=0.9, **SAMPLE_ALL),
     "fedadam": lambda: guarded(FedAdam)(eta=0.01, eta_l=0.1, **SAMPLE_ALL),
+    # float32 values: a float16 payload cannot carry 3e38
+    "feddst-adam": lambda: make_strategy(value_dtype="float32", server_optimizer=ServerOptimizer("adam", 0.01, 0.9)),
 }
 
 
@@ -47,7 +55,7 @@ class Federation:
         self.states = {node: RecordDict() for node in NODES}
         self.data = {node: random_data(16, seed=node) for node in NODES}
         initial = ArrayRecord(new_model().state_dict())
-        self.arrays = self.strategy.initialize(initial) if name == "feddst" else initial
+        self.arrays = self.strategy.initialize(initial) if name.startswith("feddst") else initial
 
     def configure(self, server_round: int) -> list[Message]:
         random.seed(server_round)  # Flower's strategies sample with the global RNG
@@ -349,6 +357,104 @@ def test_huge_finite_replies_under_server_momentum_are_discarded_not_applied(mak
     assert federation.aggregate(2, huge) == (None, None) and federation.strategy.health.discarded
 
 
+def filled(value: float):
+    """Every float32 array of the reply (dense or sparse values) set to `value`."""
+
+    def tamper(reply: Message, strategy) -> RecordDict:
+        record = reply.content["arrays"]
+        fill = poke(lambda v: np.full_like(v, value))
+        return content(
+            reply, ArrayRecord({k: fill(record[k]) if record[k].dtype == "float32" else record[k] for k in record})
+        )
+
+    return tamper
+
+
+def honest_rounds(federation: Federation, rounds: range) -> None:
+    """Honest rounds in which the model trains: every round is kept and moves the weights."""
+    for server_round in rounds:
+        before = federation.arrays.to_torch_state_dict()
+        arrays, _ = federation.aggregate(
+            server_round, [federation.reply(m) for m in federation.configure(server_round)]
+        )
+        after = federation.arrays.to_torch_state_dict()
+        assert arrays is not None and not federation.strategy.health.discarded, server_round
+        assert all(not torch.equal(before[name], after[name]) for name in ("conv1.weight", "fc2.bias")), server_round
+
+
+def test_a_finite_reply_that_overflows_fedadams_moments_is_discarded_then_the_model_trains(make_cfg, caplog):
+    """3e38 is finite in float32, its square in v_t is not: the round is discarded with all of
+    FedAdam's state, and the run goes on as if that round had had no replies."""
+    federation, twin = Federation(make_cfg(), "fedadam"), Federation(make_cfg(), "fedadam")
+    federation.strategy.max_update_norm = twin.strategy.max_update_norm = 0.0  # off, as by default
+    federation.aggregate(1, federation.replies(1)[1])
+    twin.aggregate(1, twin.replies(1)[1])
+    before = copy.deepcopy(optimizer_state(federation.strategy))
+    messages = federation.configure(2)
+    replies = [federation.reply(m) for m in messages]
+    replies[1] = Message(filled(3e38)(replies[1], federation.strategy), reply_to=messages[1])
+    [twin.reply(m) for m in twin.configure(2)]  # the twin's nodes train too; none of it arrives
+
+    assert federation.aggregate(2, replies) == (None, None) and federation.strategy.health.discarded
+    assert "round 2 discarded, v_t['conv1.weight'] is not finite" in caplog.text
+    assert repr(optimizer_state(federation.strategy)) == repr(before)
+    assert twin.aggregate(2, []) == (None, None)
+    honest_rounds(federation, range(3, 9))
+    honest_rounds(twin, range(3, 9))
+    assert_identical(federation, twin)
+    assert nonfinite(optimizer_state(federation.strategy), "state") is None
+
+
+def test_a_finite_reply_under_feddst_adam_keeps_the_moments_finite_and_the_model_trains(make_cfg):
+    """FedDST's moments are float64: 3e38 (round 1, no readjustment) squares to about 1e74,
+    finite, so the round is kept; the six honest rounds after it all move the model."""
+    federation = Federation(make_cfg(value_dtype="float32"), "feddst-adam")
+    federation.strategy.max_update_norm = 0.0
+    messages = federation.configure(1)
+    replies = [federation.reply(m) for m in messages]
+    replies[1] = Message(filled(3e38)(replies[1], federation.strategy), reply_to=messages[1])
+
+    arrays, _ = federation.aggregate(1, replies)
+    optimizer = federation.strategy.server_optimizer
+    assert arrays is not None and not federation.strategy.health.discarded
+    assert nonfinite(optimizer_state(federation.strategy), "state") is None
+    assert 1e73 < max(float(v.max()) for v in optimizer.v.values()) < 1e75  # 0.01 x (3e38 / 3)^2
+    honest_rounds(federation, range(2, 8))
+    assert nonfinite(optimizer_state(federation.strategy), "state") is None
+
+
+def test_nonfinite_names_the_first_non_finite_array_of_a_state():
+    state = {
+        "m": [np.zeros(2)],
+        "v": {"w": torch.tensor([1.0, float("inf")])},
+        "masks": torch.ones(2, dtype=torch.bool),
+    }
+    assert nonfinite(state, "state") == "state['v']['w']"
+    assert nonfinite(ServerOptimizer("adam", 0.1, 0.9), "server_optimizer") is None
+    assert nonfinite(ArrayRecord({"b": Array(np.array([np.nan], np.float32))}), "model") == "model['b']"
+
+
+def test_update_norms_are_judged_against_the_median_of_the_other_replies():
+    reason = "update norm {} exceeds max-update-norm 10.0 x the median of the other replies' {}"
+    assert outliers([1.0, 100.0], 10.0) == [None, reason.format(100, 1)]  # the mean of the two would let it pass
+    assert outliers([1.0, 2.0, 30.0], 10.0) == [None, None, reason.format(30, 1.5)]
+    assert outliers([1.0, 100.0], 0.0) == [None, None] and outliers([100.0], 10.0) == [None]
+
+
+@pytest.mark.parametrize("name", ["feddst", "fedavg"])
+def test_a_scaled_update_is_refused_when_only_two_replies_are_valid(make_cfg, name):
+    federation, messages, replies = prepared(make_cfg(), name, 2)
+    federation.strategy.max_update_norm = 10.0
+    scaled_reply = Message(scaled(100.0)(replies[1], federation.strategy), reply_to=messages[1])
+    federation.aggregate(2, [replies[0], scaled_reply])  # the third node does not answer
+    (rejected,) = federation.strategy.health.rejected
+    assert re.fullmatch(
+        rf"node {messages[1].metadata.dst_node_id}: update norm \S+ exceeds max-update-norm 10.0 x the median of "
+        r"the other replies' \S+",
+        rejected,
+    ), rejected
+
+
 def test_the_error_reply_that_replaces_a_rejected_one_names_the_reason(make_cfg):
     federation = Federation(make_cfg(), "fedavg")
     messages, replies = federation.replies(1)
@@ -367,6 +473,58 @@ def test_replies_from_unsent_nodes_and_second_replies_are_dropped(make_cfg):
     assert [r.split(":")[0] for r in federation.strategy.health.rejected] == [
         f"node {replies[0].metadata.src_node_id}",
         "node 99",
+    ]
+    assert_identical(federation, twin)
+
+
+def sent_with_ids(federation: Federation, server_round: int) -> tuple[list[Message], list[Message]]:
+    """A round's messages given ids as Flower's grids give them when they send them, and the
+    nodes' replies (each carrying its instruction's id as reply_to_message_id)."""
+    messages = federation.configure(server_round)
+    for i, message in enumerate(messages):
+        message.metadata.__dict__["_message_id"] = f"instruction-{server_round}-{i}"
+    return messages, [federation.reply(m) for m in messages]
+
+
+@pytest.mark.parametrize("name", ["feddst", "fedavg"])
+def test_the_superlinks_node_unavailable_reply_is_that_nodes_failure_not_a_rejection(make_cfg, name):
+    """Flower's SuperLink answers an instruction to a node that stopped heartbeating itself:
+    an error reply from node 1 (the SuperLink) whose reply_to_message_id is the instruction's."""
+    federation, twin = Federation(make_cfg(), name), Federation(make_cfg(), name)
+    messages, replies = sent_with_ids(federation, 1)
+    _, twin_replies = sent_with_ids(twin, 1)
+    lost = messages[1].metadata.dst_node_id
+    unavailable = create_message_error_unavailable_res_message(messages[1].metadata, "node_unavail")
+    assert unavailable.metadata.src_node_id == SUPERLINK_NODE_ID != lost
+
+    arrays, _ = federation.aggregate(1, [replies[0], unavailable, replies[2]])
+    twin.aggregate(1, [twin_replies[0], twin_replies[2]])
+
+    assert arrays is not None and federation.strategy.health.rejected == []
+    if name == "feddst":
+        failure = f"node {lost}: error reply {ErrorCode.NODE_UNAVAILABLE}: {NODE_UNAVAILABLE_ERROR_REASON}"
+        assert federation.strategy.stats.failures == [failure]
+    assert_identical(federation, twin)
+
+
+def test_replies_are_matched_to_instructions_by_message_id(make_cfg):
+    federation, twin = Federation(make_cfg(), "feddst"), Federation(make_cfg(), "feddst")
+    messages, replies = sent_with_ids(federation, 1)
+    _, twin_replies = sent_with_ids(twin, 1)
+    (first, second, third), stranger = (
+        (m.metadata.dst_node_id for m in messages),
+        Message(replies[0].content, reply_to=Message(RecordDict(), dst_node_id=99, message_type="train")),
+    )
+    answers_second = Message(replies[0].content, reply_to=messages[1])  # node `first`'s reply to `second`'s instruction
+    answers_second.metadata.__dict__["_src_node_id"] = first
+
+    federation.aggregate(1, [answers_second, *replies, replies[2], stranger])
+    twin.aggregate(1, twin_replies)
+
+    assert federation.strategy.health.rejected == [
+        f"node {first}: a reply to the instruction of node {second}",
+        f"node {third}: a second reply",
+        "node 99: a reply to no instruction of this round",
     ]
     assert_identical(federation, twin)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import time
 
 import pytest
 import torch
@@ -112,6 +114,38 @@ def test_configure_train_addresses_distinct_sampled_nodes():
 def test_sample_size_from_fraction(fraction, expected):
     strategy = make_strategy(clients_per_round=0, fraction_train=fraction)
     assert len(set(strategy.sample(FakeGrid(NODES)))) == expected
+
+
+def test_a_round_short_of_nodes_waits_once_then_samples_those_connected(caplog):
+    """clients-per-round 3, one node lost for good: the first round waits round-timeout and
+    samples the two left; the next does not wait again; once the node is back all three are."""
+    strategy, grid = make_strategy(clients_per_round=3), FakeGrid([4, 5])
+    strategy.round_timeout = 0.5
+    started = time.monotonic()
+    assert sorted(strategy.sample(grid)) == [4, 5]
+    assert 0.5 <= time.monotonic() - started
+    assert re.search(
+        r"configure_train: 2 of the 3 nodes wanted are connected after waiting \d+\.\d s: the round samples 2$",
+        caplog.text,
+        re.MULTILINE,
+    )
+    started = time.monotonic()
+    assert sorted(strategy.sample(grid)) == [4, 5]
+    assert time.monotonic() - started < 0.2  # the outage's wait is spent
+    grid.node_ids = [4, 5, 6]
+    assert sorted(strategy.sample(grid)) == [4, 5, 6] and strategy.nodes_missing_since is None
+
+
+def test_too_few_nodes_after_the_wait_stop_the_run_naming_how_many_are_missing():
+    strategy = make_strategy(clients_per_round=5, min_fit_fraction=0.5)
+    strategy.round_timeout = 0.2
+    message = (
+        r"1 of the 5 nodes wanted are connected after waiting \d+\.\d s \(round-timeout 0\.2 s\); a round needs at "
+        r"least 3 \(min-fit-fraction 0\.5 x 5\): 2 missing"
+    )
+    with pytest.raises(RuntimeError) as raised:
+        strategy.sample(FakeGrid([4]))
+    assert re.fullmatch(message, str(raised.value)), raised.value
 
 
 # --------------------------------------------------------------------------- mask bits only when needed
