@@ -1,13 +1,12 @@
 """The server's view of the Grid (Flower's node messaging): payload byte metering, a
-stable node order, and a bounded wait for nodes."""
+stable node order."""
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
@@ -36,22 +35,6 @@ def partition_ids(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
         except CodecError as err:
             log(WARNING, "node %d has no valid partition-id (%s): it is listed after the others", node, err)
     return order
-
-
-def wait_for_nodes(grid: Grid, wanted: int, deadline: float) -> list[int]:
-    """The connected nodes, once `wanted` of them are or at `deadline` (a `time.monotonic()`
-    time) with those that are, polling every second (Flower's `sample_nodes` waits without
-    a bound)."""
-    while len(nodes := list(grid.get_node_ids())) < wanted and (left := deadline - time.monotonic()) > 0:
-        log(
-            INFO,
-            "Waiting for nodes to connect: %d connected, %d wanted (at most %.0f s more)",
-            len(nodes),
-            wanted,
-            left,
-        )
-        time.sleep(min(1.0, left))
-    return nodes
 
 
 def check_partition_ids(order: dict[int, int], num_partitions: int) -> None:

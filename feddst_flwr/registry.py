@@ -56,6 +56,7 @@ def baseline(cls: type[FedAvg], options: Callable[[ExperimentConfig], dict]) -> 
         strategy = guarded(cls)(fraction_evaluate=0.0, **options(cfg), **sampling(cfg))
         guard = cast(ReplyGuard, strategy)  # guarded: a ReplyGuard too
         guard.max_num_examples, guard.max_update_norm = cfg.max_num_examples, cfg.max_update_norm
+        guard.round_timeout, guard.min_fit_fraction = cfg.round_timeout, cfg.min_fit_fraction
         return strategy
 
     return build

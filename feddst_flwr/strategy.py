@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -20,7 +19,6 @@ from . import protocol as P
 from .aggregation import ClientUpdate, RoundStats, magnitude_reprune, sparse_average
 from .checkpoint import Checkpoint, CheckpointError, check_shapes
 from .codec import DEFAULT_VALUE_DTYPE, CodecError, HeldMask, decode, encode
-from .grid import wait_for_nodes
 from .mask_rules import ThompsonRule, numpy_rng
 from .masks import (
     Masks,
@@ -154,7 +152,6 @@ class FedDST(ReplyGuard):
         self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
         self.stats = RoundStats()
         self.round_timeout = 3600.0  # seconds a round waits for replies, and for missing nodes (`start` sets it)
-        self.nodes_missing_since: float | None = None  # time.monotonic() when wanted nodes went missing
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -298,32 +295,8 @@ class FedDST(ReplyGuard):
         """
         connected = len(list(grid.get_node_ids()))
         size = self.clients_per_round or max(int(connected * self.fraction_train), self.min_train_nodes)
-        wanted = max(size, self.min_available_nodes)
-        since = time.monotonic() if self.nodes_missing_since is None else self.nodes_missing_since
-        nodes = wait_for_nodes(grid, wanted, since + self.round_timeout)
-        self.nodes_missing_since = since if len(nodes) < wanted else None
-        if len(nodes) < wanted:
-            self.check_enough(len(nodes), wanted, size, time.monotonic() - since)
+        nodes = self.nodes_for_round(grid, max(size, self.min_available_nodes), size)
         return self.rng.sample(nodes, min(size, len(nodes)))  # in the grid's order (OrderedGrid: by partition-id)
-
-    def check_enough(self, connected: int, wanted: int, size: int, waited: float) -> None:
-        """After the wait for nodes: log that the round samples the `connected` ones, or raise
-        RuntimeError if fewer than ceil(min_fit_fraction x size) (at least 1) are."""
-        need = max(1, math.ceil(self.min_fit_fraction * size))
-        if connected < need:
-            raise RuntimeError(
-                f"{connected} of the {wanted} nodes wanted are connected after waiting {waited:.1f} s "
-                f"(round-timeout {self.round_timeout:g} s); a round needs at least {need} "
-                f"(min-fit-fraction {self.min_fit_fraction:g} x {size}): {need - connected} missing"
-            )
-        log(
-            WARNING,
-            "configure_train: %d of the %d nodes wanted are connected after waiting %.1f s: the round samples %d",
-            connected,
-            wanted,
-            waited,
-            min(size, connected),
-        )
 
     def _configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

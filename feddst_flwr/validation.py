@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -209,6 +210,9 @@ class ReplyGuard(Strategy):
 
     max_num_examples: int = 1_000_000
     max_update_norm: float = 0.0  # multiple of the median of the other replies' update norms; 0: off
+    round_timeout: float = 3600.0  # seconds a round waits for missing nodes (see nodes_for_round)
+    min_fit_fraction: float = 0.5  # the share of the sample a round needs connected after that wait
+    nodes_missing_since: float | None = None  # time.monotonic() when wanted nodes went missing
     health: Health  # this round's (see configure_train)
     _sent: dict[int, Message]  # node id -> this round's instruction
     _global: ArrayRecord  # this round's global model
@@ -246,6 +250,63 @@ class ReplyGuard(Strategy):
         self._sent = {m.metadata.dst_node_id: m for m in messages}
         self._global = arrays
         return messages
+
+    def nodes_for_round(self, grid: Grid, wanted: int, size: int) -> list[int]:
+        """The connected nodes a round samples `size` from, once `wanted` are connected.
+
+        Flower's `sample_nodes` waits for them without a bound; here the wait lasts at most
+        `round_timeout` seconds from when they were first missing (a node lost for good costs
+        one wait, not one a round). Then the round goes on with the nodes connected if at
+        least ceil(min_fit_fraction x size) (at least 1) are, and says so in the log.
+
+        Parameters
+        ----------
+        grid : Grid
+            The server's grid.
+        wanted : int
+            The nodes the round waits for (the sample size, at least min_available_nodes).
+        size : int
+            The nodes the round samples.
+
+        Returns
+        -------
+        list[int]
+            The connected node ids, in the grid's order.
+
+        Raises
+        ------
+        RuntimeError
+            Fewer are connected after the wait: the message says how many are missing.
+        """
+        since = time.monotonic() if self.nodes_missing_since is None else self.nodes_missing_since
+        while (
+            len(nodes := list(grid.get_node_ids())) < wanted
+            and (left := since + self.round_timeout - time.monotonic()) > 0
+        ):
+            log(
+                INFO,
+                "Waiting for nodes to connect: %d connected, %d wanted (at most %.0f s more)",
+                len(nodes),
+                wanted,
+                left,
+            )
+            time.sleep(min(1.0, left))
+        self.nodes_missing_since = since if len(nodes) < wanted else None
+        if len(nodes) >= wanted:
+            return nodes
+        need, waited = max(1, math.ceil(self.min_fit_fraction * size)), time.monotonic() - since
+        if len(nodes) < need:
+            raise RuntimeError(
+                f"{len(nodes)} of the {wanted} nodes wanted are connected after waiting {waited:.1f} s "
+                f"(round-timeout {self.round_timeout:g} s); a round needs at least {need} "
+                f"(min-fit-fraction {self.min_fit_fraction:g} x {size}): {need - len(nodes)} missing"
+            )
+        log(
+            WARNING,
+            "configure_train: %d of the %d nodes wanted are connected after waiting %.1f s: the round samples %d",
+            len(nodes), wanted, waited, min(size, len(nodes)),
+        )  # fmt: skip
+        return nodes
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -335,8 +396,24 @@ S = TypeVar("S", bound=Strategy)
 
 
 def guarded(cls: type[S]) -> type[S]:
-    """Flower's strategy `cls` behind ReplyGuard: `guarded(FedAvg)(fraction_train=0.5)`."""
-    hooks = {"_configure_train": cls.configure_train, "_aggregate_train": cls.aggregate_train, "__module__": __name__}
+    """Flower's strategy `cls` behind ReplyGuard: `guarded(FedAvg)(fraction_train=0.5)`. Its
+    sampling waits for missing nodes at most `round_timeout` (`ReplyGuard.nodes_for_round`)."""
+
+    def configure_train(
+        self: Any, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Flower's sample size (FedAvg.configure_train), then its own sampling from the nodes
+        # that are there: its minimums lowered to their number for this round if some are missing
+        size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        there = len(self.nodes_for_round(grid, max(size, self.min_available_nodes), size))
+        minimums = self.min_train_nodes, self.min_available_nodes
+        self.min_train_nodes, self.min_available_nodes = min(self.min_train_nodes, there), min(minimums[1], there)
+        try:
+            return cls.configure_train(self, server_round, arrays, config, grid)
+        finally:
+            self.min_train_nodes, self.min_available_nodes = minimums
+
+    hooks = {"_configure_train": configure_train, "_aggregate_train": cls.aggregate_train, "__module__": __name__}
     return type(f"Guarded{cls.__name__}", (ReplyGuard, cls), hooks)
 
 

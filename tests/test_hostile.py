@@ -9,6 +9,7 @@ import copy
 import io
 import random
 import re
+import time
 
 import numpy as np
 import pytest
@@ -605,3 +606,32 @@ def test_overriding_a_guarded_method_is_refused(method):
         type("Mine", (guarded(FedAvg),), {method: lambda self, *args: None})
     with pytest.raises(TypeError, match=f"Mine overrides {method}"):
         type("Mine", (type(make_strategy()),), {method: lambda self, *args: None})
+
+
+# --------------------------------------------------------------------------- Flower's sampling, bounded
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+def test_guarded_flower_strategy_short_of_nodes_waits_round_timeout_then_samples_those_there(name, caplog):
+    """A fixed count of 3 (as registry.sampling builds it), one node lost for good: Flower's own
+    sampling would wait forever; behind the guard the round waits round-timeout, samples the
+    two left, and Flower's minimums are as they were afterwards."""
+    strategy = STRATEGIES[name]()
+    strategy.fraction_train, strategy.round_timeout = 1e-9, 0.3
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    started = time.monotonic()
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([4, 5])))
+    assert time.monotonic() - started >= 0.3
+    assert sorted(m.metadata.dst_node_id for m in messages) == [4, 5]
+    assert "2 of the 3 nodes wanted are connected after waiting" in caplog.text
+    assert (strategy.min_train_nodes, strategy.min_available_nodes) == (3, 3)
+    back = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([4, 5, 6])))
+    assert sorted(m.metadata.dst_node_id for m in back) == [4, 5, 6] and strategy.nodes_missing_since is None
+
+
+def test_guarded_flower_strategy_with_too_few_nodes_stops_naming_how_many_are_missing():
+    strategy = STRATEGIES["fedavg"]()
+    strategy.round_timeout = 0.2
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    with pytest.raises(RuntimeError, match=r"1 of the 3 nodes wanted .* needs at least 2 .*: 1 missing$"):
+        strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([4]))
