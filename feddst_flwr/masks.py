@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ def top_k_mask(
     to a position's index. The permutation is drawn whatever k is; from a plain generator,
     as torch.randperm(scores.numel()) would (`TieKeys`)."""
     keys = tie_keys(generator)
-    flat_votes = votes.flatten() if votes is not None else None
+    flat_votes = votes.flatten().__getitem__ if votes is not None else None
     flat = top_k_among(scores.numel(), k, None, scores.flatten(), keys, flat_votes)
     if keys is not generator:
         keys.generator()  # a plain generator leaves as randperm would have left it
@@ -159,12 +160,12 @@ def top_k_among(
     positions: torch.Tensor | None,
     scores: torch.Tensor,
     keys: TieKeys,
-    votes: torch.Tensor | None = None,
+    votes: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Flat bool mask of n positions: the k largest `scores` of the candidate `positions`
     (sorted flat indices; None: every position, `scores` then of all n), every other
     position ranked below them and tied with the others (as a score of -1 below
-    non-negative scores). Ties go to more `votes` (of all n positions, when given), then to
+    non-negative scores). Ties go to more votes (`votes(flat positions)`, when given), then to
     the key of one permutation of n from `keys`. Only the tied positions are sorted, and the
     permutation is drawn only if the tie is broken."""
     device = scores.device
@@ -173,21 +174,25 @@ def top_k_among(
         return torch.full((n,), k >= n and n > 0, dtype=torch.bool, device=device)
     flat = torch.zeros(n, dtype=torch.bool, device=device)
     where = positions if positions is not None else torch.arange(n, device=device)
-    if len(scores) >= k:
+    if len(scores) == k:  # every candidate: whatever ties they hold
+        keys.skip(n)
+        flat[where] = True
+        return flat
+    if len(scores) > k:
         threshold = torch.kthvalue(scores, len(scores) - k + 1).values  # the k-th largest score
-        flat[where[scores > threshold]] = True
-        tied = where[scores == threshold]
+        above = scores > threshold
+        flat[where[above]] = True
+        tied, needed = where[scores == threshold], k - int(torch.count_nonzero(above))
     else:  # every candidate, then the rest, all tied
         flat[where] = True
-        tied = torch.nonzero(~flat).squeeze(1)
-    needed = k - int(torch.count_nonzero(flat))
+        tied, needed = torch.nonzero(~flat).squeeze(1), k - len(scores)
     if needed >= len(tied):
         keys.skip(n)
         flat[tied] = True
         return flat
     order = tied[torch.argsort(keys.keys(n, tied.cpu()).to(device))]  # random key first, then votes: stable sorts
     if votes is not None:
-        order = order[torch.argsort(votes[order], descending=True, stable=True)]
+        order = order[torch.argsort(votes(order), descending=True, stable=True)]
     flat[order[:needed]] = True
     return flat
 
@@ -209,7 +214,7 @@ def magnitude_prune(
         if candidates is not None:
             positions = torch.nonzero(candidates[name].flatten()).squeeze(1)
             scores = scores[positions]
-        layer_votes = votes[name].flatten() if votes is not None else None
+        layer_votes = votes[name].flatten().__getitem__ if votes is not None else None
         flat = top_k_among(weights[name].numel(), count, positions, scores, keys, layer_votes)
         masks[name] = flat.view(weights[name].shape)
     if keys is not generator:
