@@ -11,6 +11,7 @@ Every other tensor is a plain `numpy.ndarray` Array, as Flower sends it.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ VALUE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.d
 DEFAULT_VALUE_DTYPE = "float16"  # level with float32 in accuracy at half the bytes (docs/wire.md)
 DENSE_DTYPES = ("float32", "int64")  # what a torch state dict of our models holds (int64: BN counters)
 NPY_HEADER_LIMIT = 4096  # .npy header bytes allowed beyond the array data
+FLOAT_EXPONENTS = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}  # by itemsize: all ones is Inf or NaN
 
 
 class CodecError(ValueError):
@@ -51,6 +53,42 @@ class Decoded:
     state: dict[str, torch.Tensor]
     masks: Masks
     mask_sent: bool
+
+
+@dataclass
+class Sparse:
+    """A decoded payload as it travelled: per masked layer its mask and the values at the
+    mask's positions (row-major order, in the wire dtype), every other tensor dense float32.
+
+    Attributes
+    ----------
+    dense : dict[str, torch.Tensor]
+        The tensors that are not masked.
+    values : dict[str, np.ndarray]
+        Per masked layer, its active weights (float16 or float32, read-only).
+    masks : Masks
+        The masks used: the payload's, or the receiver's held ones (the same tensors).
+    mask_sent : bool
+        Whether the payload carried its masks.
+    names : list[str]
+        Every tensor's name, in the model's order.
+    """
+
+    dense: dict[str, torch.Tensor]
+    values: dict[str, np.ndarray]
+    masks: Masks
+    mask_sent: bool
+    names: list[str]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The dense float32 state dict (pruned weights zero)."""
+        return {name: self.dense[name] if name in self.dense else self._layer(name) for name in self.names}
+
+    def _layer(self, name: str) -> torch.Tensor:
+        mask = self.masks[name]
+        dense = np.zeros(mask.numel(), dtype=np.float32)
+        dense[mask.flatten().numpy()] = self.values[name]
+        return torch.from_numpy(dense).view(mask.shape)
 
 
 def payload_bytes(record: ArrayRecord) -> int:
@@ -84,12 +122,12 @@ def encode(
         if name not in masks:
             record[name] = Array(tensor.numpy())
             continue
-        flat_mask = masks[name].flatten()
-        values = tensor.flatten()[flat_mask].numpy().astype(dtype)
+        flat_mask = masks[name].detach().cpu().flatten().numpy()
+        values = np.compress(flat_mask, tensor.numpy().ravel()).astype(dtype)
         shape = tuple(tensor.shape)
         record[name] = Array(dtype=value_dtype, shape=shape, stype=VALUES_STYPE, data=values.tobytes())
         if send_mask:
-            stype, data = encode_mask(flat_mask.numpy(), *_held_layer(base, name))
+            stype, data = encode_mask(flat_mask, *_held_layer(base, name))
             record[name + MASK_SUFFIX] = Array(dtype="bool", shape=shape, stype=stype, data=data)
     return record
 
@@ -101,6 +139,13 @@ def decode(record: ArrayRecord, reference: Shapes, maskable: list[str], held: He
     `held` is the mask the receiver already has (used when the payload carries none, and
     as the base of deltas).
     """
+    sparse = decode_sparse(record, reference, maskable, held)
+    return Decoded(sparse.state(), sparse.masks, sparse.mask_sent)
+
+
+def decode_sparse(record: ArrayRecord, reference: Shapes, maskable: list[str], held: HeldMask | None) -> Sparse:
+    """Decode and validate a payload as `decode` does, keeping the masked layers' values as
+    they travelled (no dense copy)."""
     _check_names(record, reference, maskable)
     mask_keys = [name for name in maskable if name + MASK_SUFFIX in record]
     if mask_keys and len(mask_keys) != len(maskable):
@@ -109,10 +154,10 @@ def decode(record: ArrayRecord, reference: Shapes, maskable: list[str], held: He
     mask_sent = bool(mask_keys)
     if maskable and not mask_sent and held is None:
         raise CodecError("payload carries no mask and no mask is held to decode it")
-    state, masks = {}, {}
+    dense, values, masks = {}, {}, {}
     for name, shape in reference.items():
         if name not in maskable:
-            state[name] = decode_dense(name, record[name], shape)
+            dense[name] = decode_dense(name, record[name], shape)
             continue
         if mask_sent:
             mask = _decode_mask(name, record[name + MASK_SUFFIX], shape, held)
@@ -121,9 +166,9 @@ def decode(record: ArrayRecord, reference: Shapes, maskable: list[str], held: He
             mask = held.masks[name]
         if tuple(mask.shape) != shape:
             raise CodecError(f"layer '{name}': held mask has shape {tuple(mask.shape)}, expected {shape}")
-        state[name] = _decode_values(name, record[name], shape, mask)
+        values[name] = _decode_values(name, record[name], shape, mask)
         masks[name] = mask
-    return Decoded(state, masks, mask_sent)
+    return Sparse(dense, values, masks, mask_sent, list(reference))
 
 
 def _pack_mask(mask: torch.Tensor) -> Array:
@@ -162,7 +207,32 @@ def decode_dense(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tenso
 def read_npy(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """The array in .npy bytes, read only if its header declares exactly `dtype` and
     `shape` and the data that follows is exactly that size (np.load would allocate what
-    the header declares before reading)."""
+    the header declares before reading). A header byte for byte as numpy writes it for
+    that dtype and shape (what Flower's Array holds) is taken without parsing it."""
+    expected = _npy_header(dtype, shape)
+    if data[: len(expected)] == expected:
+        body, fortran_order = memoryview(data)[len(expected) :], False
+    else:
+        body, fortran_order = _parsed_npy(name, data, dtype, shape)
+    if len(body) != math.prod(shape) * dtype.itemsize:
+        raise CodecError(
+            f"layer '{name}': {len(body)} data bytes, expected {math.prod(shape) * dtype.itemsize} for {shape}"
+        )
+    return np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The .npy magic and header numpy writes (np.save) for a C-ordered array."""
+    stream = io.BytesIO()
+    npy_format.write_array_header_1_0(
+        stream, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    return stream.getvalue()
+
+
+def _parsed_npy(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[memoryview, bool]:
+    """The data after a parsed .npy header that declares `dtype` and `shape`, and its order."""
     stream = io.BytesIO(data)
     try:
         version = npy_format.read_magic(stream)
@@ -174,12 +244,7 @@ def read_npy(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) ->
         raise CodecError(f"layer '{name}': payload dtype {declared_dtype} differs from the declared '{dtype}'")
     if tuple(declared) != shape:
         raise CodecError(f"layer '{name}': payload shape {tuple(declared)}, expected {shape}")
-    body = data[stream.tell() :]
-    if len(body) != math.prod(shape) * dtype.itemsize:
-        raise CodecError(
-            f"layer '{name}': {len(body)} data bytes, expected {math.prod(shape) * dtype.itemsize} for {shape}"
-        )
-    return np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+    return memoryview(data)[stream.tell() :], bool(fortran_order)
 
 
 def _decode_mask(name: str, array: Array, shape: tuple[int, ...], held: HeldMask | None) -> torch.Tensor:
@@ -199,7 +264,7 @@ def _held_layer(held: HeldMask | None, name: str) -> tuple[np.ndarray | None, in
     return held.masks[name].flatten().numpy(), held.version
 
 
-def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.Tensor) -> torch.Tensor:
+def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.Tensor) -> np.ndarray:
     if array.stype != VALUES_STYPE:
         raise CodecError(f"layer '{name}': sparse values expected stype '{VALUES_STYPE}', got '{array.stype}'")
     if array.dtype not in VALUE_DTYPES:
@@ -209,20 +274,22 @@ def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.
     dtype = VALUE_DTYPES[array.dtype]
     if len(array.data) % dtype.itemsize:
         raise CodecError(f"layer '{name}': {len(array.data)} value bytes is not a multiple of {dtype.itemsize}")
-    positions = mask.flatten().nonzero().squeeze(1)  # one pass: the count and where the values go
-    if len(array.data) // dtype.itemsize != len(positions):
+    active = int(np.count_nonzero(mask.numpy()))
+    if len(array.data) // dtype.itemsize != active:
         raise CodecError(
-            f"layer '{name}': {len(array.data) // dtype.itemsize} values but the mask has {len(positions)} active weights"
+            f"layer '{name}': {len(array.data) // dtype.itemsize} values but the mask has {active} active weights"
         )
     values = np.frombuffer(array.data, dtype=dtype)
     _check_finite(name, values)
-    dense = torch.zeros(math.prod(shape), dtype=torch.float32)
-    dense.index_copy_(0, positions, torch.from_numpy(values.astype(np.float32)))
-    return dense.view(shape)
+    return values
 
 
 def _check_finite(name: str, values: np.ndarray) -> None:
-    if not np.isfinite(values).all():
+    """A float is finite unless its exponent bits are all set: one integer pass."""
+    if values.dtype.kind != "f" or not values.size:
+        return
+    exponent = FLOAT_EXPONENTS[values.dtype.itemsize]
+    if (values.view(values.dtype.str.replace("f", "u")) & exponent).max() == exponent:
         raise CodecError(f"layer '{name}': values contain NaN or Inf")
 
 

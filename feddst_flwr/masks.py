@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,45 +92,133 @@ def seeded_generator(*keys: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(random.Random(":".join(map(str, keys))).getrandbits(63))
 
 
+SKIP_CHUNK = 1 << 22  # draws taken at once when a TieKeys catches up
+
+
+class TieKeys:
+    """Random tie-break keys from a torch generator, drawn only where a tie is broken.
+
+    Every selection (`top_k_among`) of a layer of n positions owns one random permutation,
+    `torch.randperm(n, generator)`: a position's key is its place in it. A selection whose
+    ties need no breaking only `skip`s its permutation; the n - 1 draws of its shuffle are
+    taken (cheaply, without shuffling) before the generator is used again. The keys, and
+    the generator's stream afterwards, are those of drawing every permutation.
+
+    Parameters
+    ----------
+    generator : torch.Generator
+        A CPU generator; take it back with `generator()` to draw anything else from it.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self._generator = generator
+        self._skipped = 0
+
+    def skip(self, n: int) -> None:
+        """A permutation of n positions that no one needs."""
+        self._skipped += max(n - 1, 0)  # torch.randperm's shuffle draws one 32-bit number per step
+
+    def generator(self) -> torch.Generator:
+        """The generator, after the draws of every skipped permutation."""
+        while self._skipped:
+            take = min(self._skipped, SKIP_CHUNK)
+            torch.empty(take, dtype=torch.uint8).random_(generator=self._generator)  # one 32-bit draw each
+            self._skipped -= take
+        return self._generator
+
+    def keys(self, n: int, positions: torch.Tensor) -> torch.Tensor:
+        """The keys of `positions` (flat, on the CPU) in a fresh permutation of n positions."""
+        permutation = torch.randperm(n, generator=self.generator())
+        key = torch.empty(n, dtype=torch.long)
+        key[permutation] = torch.arange(n)
+        return key[positions]
+
+
+def tie_keys(generator: torch.Generator | TieKeys) -> TieKeys:
+    """`generator` as TieKeys (a TieKeys as it is)."""
+    return generator if isinstance(generator, TieKeys) else TieKeys(generator)
+
+
 def top_k_mask(
-    scores: torch.Tensor, k: int, generator: torch.Generator, votes: torch.Tensor | None = None
+    scores: torch.Tensor, k: int, generator: torch.Generator | TieKeys, votes: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Bool mask of the k largest scores. Ties go to more votes (when given), then to a
     random key drawn from `generator` (a position's place in a random permutation): never
-    to a position's index. Only the positions tied at the k-th largest score are sorted."""
-    flat_scores, n = scores.flatten(), scores.numel()
-    permutation = torch.randperm(n, generator=generator).to(scores.device)  # drawn whatever k is
-    if k <= 0 or k >= n:
-        return torch.full_like(scores, k >= n and n > 0, dtype=torch.bool)
-    threshold = torch.kthvalue(flat_scores, n - k + 1).values  # the k-th largest score
-    flat = flat_scores > threshold
-    tied = torch.nonzero(flat_scores == threshold).squeeze(1)
-    key = torch.empty(n, dtype=torch.long, device=scores.device)
-    key[permutation] = torch.arange(n, device=scores.device)
-    order = tied[torch.argsort(key[tied])]  # random key first, then votes: stable sorts
-    if votes is not None:
-        order = order[torch.argsort(votes.flatten()[order], descending=True, stable=True)]
-    flat[order[: k - int(torch.count_nonzero(flat))]] = True
+    to a position's index. The permutation is drawn whatever k is; from a plain generator,
+    as torch.randperm(scores.numel()) would (`TieKeys`)."""
+    keys = tie_keys(generator)
+    flat_votes = votes.flatten().__getitem__ if votes is not None else None
+    flat = top_k_among(scores.numel(), k, None, scores.flatten(), keys, flat_votes)
+    if keys is not generator:
+        keys.generator()  # a plain generator leaves as randperm would have left it
     return flat.view(scores.shape)
+
+
+def top_k_among(
+    n: int,
+    k: int,
+    positions: torch.Tensor | None,
+    scores: torch.Tensor,
+    keys: TieKeys,
+    votes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Flat bool mask of n positions: the k largest `scores` of the candidate `positions`
+    (sorted flat indices; None: every position, `scores` then of all n), every other
+    position ranked below them and tied with the others (as a score of -1 below
+    non-negative scores). Ties go to more votes (`votes(flat positions)`, when given), then to
+    the key of one permutation of n from `keys`. Only the tied positions are sorted, and the
+    permutation is drawn only if the tie is broken."""
+    device = scores.device
+    if k <= 0 or k >= n:
+        keys.skip(n)
+        return torch.full((n,), k >= n and n > 0, dtype=torch.bool, device=device)
+    flat = torch.zeros(n, dtype=torch.bool, device=device)
+    where = positions if positions is not None else torch.arange(n, device=device)
+    if len(scores) == k:  # every candidate: whatever ties they hold
+        keys.skip(n)
+        flat[where] = True
+        return flat
+    if len(scores) > k:
+        threshold = torch.kthvalue(scores, len(scores) - k + 1).values  # the k-th largest score
+        above = scores > threshold
+        flat[where[above]] = True
+        tied, needed = where[scores == threshold], k - int(torch.count_nonzero(above))
+    else:  # every candidate, then the rest, all tied
+        flat[where] = True
+        tied, needed = torch.nonzero(~flat).squeeze(1), k - len(scores)
+    if needed >= len(tied):
+        keys.skip(n)
+        flat[tied] = True
+        return flat
+    order = tied[torch.argsort(keys.keys(n, tied.cpu()).to(device))]  # random key first, then votes: stable sorts
+    if votes is not None:
+        order = order[torch.argsort(votes(order), descending=True, stable=True)]
+    flat[order[:needed]] = True
+    return flat
 
 
 def magnitude_prune(
     weights: dict[str, torch.Tensor],
     candidates: Masks | None,
     counts: dict[str, int],
-    generator: torch.Generator,
+    generator: torch.Generator | TieKeys,
     votes: dict[str, torch.Tensor] | None = None,
 ) -> Masks:
     """Per layer, keep the counts[name] largest-magnitude weights among the candidates
-    (None: every position), ties broken by votes, then randomly (`top_k_mask`); if fewer
+    (None: every position), ties broken by votes, then randomly (`top_k_among`); if fewer
     candidates exist, the rest is filled with non-candidates (value zero) so every layer
     keeps its count exactly."""
-    masks = {}
+    keys, masks = tie_keys(generator), {}
     for name, count in counts.items():
-        scores = weights[name].abs().float()
+        scores, positions = weights[name].abs().float().flatten(), None
         if candidates is not None:
-            scores = torch.where(candidates[name], scores, torch.tensor(-1.0))
-        masks[name] = top_k_mask(scores, count, generator, votes[name] if votes is not None else None)
+            positions = torch.nonzero(candidates[name].flatten()).squeeze(1)
+            scores = scores[positions]
+        layer_votes = votes[name].flatten().__getitem__ if votes is not None else None
+        flat = top_k_among(weights[name].numel(), count, positions, scores, keys, layer_votes)
+        masks[name] = flat.view(weights[name].shape)
+    if keys is not generator:
+        keys.generator()  # a plain generator leaves as randperm would have left it
     return masks
 
 

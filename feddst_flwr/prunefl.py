@@ -12,9 +12,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from . import protocol as P
-from .aggregation import ClientUpdate
+from .aggregation import ClientUpdate, SparseUpdate
 from .codec import CodecError, decode, decode_dense
-from .masks import Masks, apply_masks, magnitude_prune, seeded_generator
+from .masks import Masks, TieKeys, apply_masks, magnitude_prune, seeded_generator
 from .movement import MaskMovement
 from .strategy import FedDST
 from .validation import Instruction, check_reply
@@ -60,7 +60,7 @@ class PruneFL(FedDST):
         config = ConfigRecord({**config, P.UPLOAD_GRADIENTS: int(self.asks_gradients)})
         return super()._configure_train(server_round, arrays, config, grid)
 
-    def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
+    def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator | TieKeys) -> Masks:
         """On reconfiguration rounds, the top importance sum(n_c g_c^2) / sum(n_c) per layer."""
         reporting = [(u.num_examples, u.gradients) for u in updates if u.gradients is not None]
         if not reporting:
@@ -69,7 +69,7 @@ class PruneFL(FedDST):
         importance = {name: cast(torch.Tensor, sum(n * g[name] for n, g in reporting)) / total for name in masks}
         return magnitude_prune(importance, None, self.counts, generator)
 
-    def _decode_reply(self, reply: Message) -> ClientUpdate:
+    def _decode_reply(self, reply: Message) -> SparseUpdate:
         """FedDST's validation, plus the dense gradients on reconfiguration rounds."""
         update = super()._decode_reply(reply)
         if self.asks_gradients:

@@ -16,12 +16,13 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from . import protocol as P
-from .aggregation import ClientUpdate, RoundStats, magnitude_reprune, sparse_average
+from .aggregation import ClientUpdate, RoundStats, SparseSum, SparseUpdate, magnitude_reprune
 from .checkpoint import Checkpoint, CheckpointError, check_shapes
-from .codec import DEFAULT_VALUE_DTYPE, CodecError, HeldMask, decode, encode
+from .codec import DEFAULT_VALUE_DTYPE, CodecError, HeldMask, decode_sparse, encode
 from .mask_rules import ThompsonRule, numpy_rng
 from .masks import (
     Masks,
+    TieKeys,
     apply_masks,
     hamming,
     layer_counts,
@@ -349,8 +350,10 @@ class FedDST(ReplyGuard):
         """Step 6: validate every reply, sparse weighted average, re-prune to S. A reply
         that fails validation, and a sampled node that did not reply, count as failures;
         with fewer valid replies than min-fit-fraction of the sampled nodes the round is
-        skipped and the global model and mask stay as they were."""
-        updates, contents, nodes, pending = [], [], [], set(self.sampled)
+        skipped and the global model and mask stay as they were. Each valid reply is added
+        to the round's sums as it is decoded (with max-update-norm, once every norm is known)."""
+        total, receipts, held = SparseSum(self.masks), [], []
+        contents, nodes, pending = [], [], set(self.sampled)
         for reply in replies:  # screened by ReplyGuard: each from a sampled node, at most once
             node_id = reply.metadata.src_node_id
             pending.discard(node_id)
@@ -358,47 +361,53 @@ class FedDST(ReplyGuard):
                 self._fail(node_id, f"error reply {reply.error.code}: {reply.error.reason}")
                 continue
             try:
-                updates.append(self._decode_reply(reply))
+                update = self._decode_reply(reply)
             except CodecError as err:
                 self._fail(node_id, str(err), refused=True)
                 continue
+            if self.max_update_norm > 0:
+                held.append(update)  # added once every norm is known
+            else:
+                receipts.append(self._add(total, update))
             contents.append(reply.content)
             nodes.append(node_id)
         for node_id in sorted(pending):
             self._fail(node_id, "no reply (failed, timed out or lost)")
-        if self.max_update_norm > 0:  # off by default: no norms computed
+        if self.max_update_norm > 0:  # off by default: no norms computed, no reply held
             old = {name: tensor.numpy() for name, tensor in self.global_state.items()}
-            norms = [update_norm({name: t.numpy() for name, t in u.state.items()}, old) for u in updates]
+            norms = [update_norm({name: t.numpy() for name, t in u.payload.state().items()}, old) for u in held]
             for i, reason in reversed(list(enumerate(outliers(norms, self.max_update_norm)))):
                 if reason is not None:
                     self._fail(nodes[i], reason, refused=True)
-                    del updates[i], contents[i], nodes[i]
+                    del held[i], contents[i], nodes[i]
+            receipts = [self._add(total, u) for u in held]
         for node_id in nodes:
             self.delivered[node_id] = self.mask_version
         self.versions[self.mask_version] = self.masks
         self.versions = {version: self.versions[version] for version in set(self.delivered.values())}
-        if len(updates) < math.ceil(self.min_fit_fraction * len(self.sampled)) or not updates:
+        if len(receipts) < math.ceil(self.min_fit_fraction * len(self.sampled)) or not receipts:
             self.stats.skipped = True
             log(
                 WARNING,
                 "aggregate_train: round %d skipped, %d of %d sampled nodes replied validly (min-fit-fraction %.2f)",
                 server_round,
-                len(updates),
+                len(receipts),
                 len(self.sampled),
                 self.min_fit_fraction,
             )
             return None, None
-        generator = seeded_generator(self.seed, "re-prune", server_round)
-        state, votes = sparse_average(updates, self.min_votes)
-        masks = magnitude_reprune(state, votes, self.counts, generator, self.min_votes)
+        keys = TieKeys(seeded_generator(self.seed, "re-prune", server_round))
+        average = total.average(self.min_votes)
+        votes = average.votes()
+        masks = magnitude_reprune(average, self.counts, keys, self.min_votes)
         if self.thompson is not None and self.stats.readjust_alpha > 0:
-            self.thompson.update(votes, float(sum(u.num_examples for u in updates)), masks)
+            self.thompson.update(votes, float(total.total), masks)
             rng = numpy_rng(self.seed, "thompson", server_round)
             masks = self.thompson.select(self.masks, votes, self.stats.readjust_alpha, self.min_votes, rng)
-        masks = self.reconfigure(updates, masks, generator)
-        apply_masks(state, masks)
+        masks = self.reconfigure(receipts, masks, keys)
+        state = average.state(masks)
         state = self.server_optimizer.step(self.global_state, state, masks, self.masks)
-        if self.movement.record(self.stats, self.masks, masks, votes, len(updates)):
+        if self.movement.record(self.stats, self.masks, masks, votes, len(receipts)):
             self.mask_version += 1
         self.stats.mask_version = self.mask_version
         self.masks = masks
@@ -414,11 +423,18 @@ class FedDST(ReplyGuard):
         else:
             log(WARNING, "aggregate_train: lost node %d: %s", node_id, reason)
 
-    def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator) -> Masks:
-        """The next global mask after aggregation: FedDST keeps the re-pruned one."""
+    def reconfigure(self, updates: list[ClientUpdate], masks: Masks, generator: torch.Generator | TieKeys) -> Masks:
+        """The next global mask after aggregation: FedDST keeps the re-pruned one. `updates`
+        hold each reply's num_examples and gradients (its values are in the sums)."""
         return masks
 
-    def _decode_reply(self, reply: Message) -> ClientUpdate:
+    @staticmethod
+    def _add(total: SparseSum, update: SparseUpdate) -> ClientUpdate:
+        """Add a reply to the round's sums; what the round keeps of it."""
+        total.add(update.payload, update.num_examples)
+        return update.receipt()
+
+    def _decode_reply(self, reply: Message) -> SparseUpdate:
         """Decode one reply's sparse payload (ReplyGuard has checked its records and
         metrics); CodecError names the problem."""
         content = reply.content
@@ -429,13 +445,13 @@ class FedDST(ReplyGuard):
                 raise CodecError(
                     f"layer '{name}': values of dtype '{values[name].dtype}', value-dtype is '{self.value_dtype}'"
                 )
-        decoded = decode(
+        decoded = decode_sparse(
             content.array_records[self.arrayrecord_key],
             self.shapes,
             self.maskable,
             HeldMask(self.masks, self.mask_version),
         )
-        for name, mask in decoded.masks.items():
+        for name, mask in decoded.masks.items() if decoded.mask_sent else ():  # held: the global mask
             kept = int(torch.count_nonzero(mask))
             if kept > self.counts[name]:
                 raise CodecError(
@@ -443,7 +459,7 @@ class FedDST(ReplyGuard):
                 )
         if decoded.mask_sent and self.stats.readjust_alpha == 0 and hamming(decoded.masks, self.masks):
             raise CodecError("mask differs from the global one on a round without readjustment")
-        return ClientUpdate(decoded.state, decoded.masks, num_examples)
+        return SparseUpdate(decoded, num_examples)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

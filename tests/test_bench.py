@@ -37,3 +37,15 @@ def test_bare_only_prints_one_cpu_row():
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| cpu")]
     assert len(rows) == 1 and re.fullmatch(r"\| cpu \| - \| - \| \d+\.\d\d \| \d+\.\d\d \| - \|", rows[0]), done.stdout
+
+
+@pytest.mark.slow
+def test_server_round_bench_quick_prints_its_tables():
+    """bench/server_round.py --quick: cifar10-cnn, 4 replies, both rounds, the client's codec."""
+    done = subprocess.run(
+        [sys.executable, "bench/server_round.py", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| cifar10-cnn |")]
+    assert [row.split(" | ")[2] for row in rows[:2]] == ["steady", "readjust"], done.stdout
+    assert len(rows) == 3 and all(re.search(r"\| \d+\.\d+ \|$", row) for row in rows), done.stdout

@@ -447,3 +447,29 @@ def test_top_k_selects_the_first_k_of_the_total_order(n, levels, with_votes, see
 )
 def test_all_finite_is_exact_when_the_fast_sum_overflows(values, dtype, finite):
     assert M.all_finite(torch.tensor(values, dtype=dtype)) is finite
+
+
+def test_skipped_permutations_leave_the_generator_as_drawn_ones():
+    """TieKeys.skip takes the draws of torch.randperm's shuffle (n - 1 for n positions):
+    the generator's stream afterwards is the same, whatever the sizes."""
+    sizes = [0, 1, 2, 7, 1000, 300_000, 5_000_000]
+    eager, lazy = torch.Generator().manual_seed(5), M.TieKeys(torch.Generator().manual_seed(5))
+    for n in sizes:
+        torch.randperm(n, generator=eager)
+        lazy.skip(n)
+    assert torch.equal(lazy.generator().get_state(), eager.get_state())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 200), st.integers(0, 3), st.floats(0.0, 1.0)), min_size=1, max_size=6))
+def test_selections_sharing_tie_keys_match_selections_sharing_a_generator(layers):
+    """Several layers selected one after the other from one stream (as the re-prune does):
+    lazily drawn keys give the masks and the final generator state of eager permutations."""
+    data = torch.Generator().manual_seed(len(layers))
+    eager, keys = torch.Generator().manual_seed(11), M.TieKeys(torch.Generator().manual_seed(11))
+    for n, levels, fraction in layers:
+        scores = torch.randint(0, levels + 1, (n,), generator=data).float()
+        k = round(fraction * n)
+        reference = sorted_top_k(scores, k, eager)
+        assert torch.equal(M.top_k_mask(scores, k, keys), reference)
+    assert torch.equal(keys.generator().get_state(), eager.get_state())
