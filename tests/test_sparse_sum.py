@@ -8,7 +8,9 @@ that the re-prune meets ties at its threshold."""
 from __future__ import annotations
 
 import math
+import sys
 import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ from feddst_flwr.codec import HeldMask, decode, decode_sparse, encode
 from feddst_flwr.masks import Masks, TieKeys, apply_masks, layer_counts, maskable_names, random_masks, shapes_of
 from feddst_flwr.models import build_model
 from feddst_flwr.prunefl import PruneFL
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from wire import readjusted  # noqa: E402  (the bench's moved masks: round(fraction x active) dropped and grown)
 
 
 def reference_sparse_average(updates: list[ClientUpdate], min_votes: int) -> tuple[dict[str, torch.Tensor], Votes]:
@@ -85,20 +90,6 @@ class CountingKeys(TieKeys):
         return super().keys(n, positions)
 
 
-def moved(masks: Masks, fraction: float, generator: torch.Generator) -> Masks:
-    """Each layer with round(fraction * active) positions dropped and as many grown."""
-    new = {}
-    for name, mask in masks.items():
-        flat, count = mask.flatten().clone(), int(mask.sum())
-        k = round(fraction * count)
-        if k and count < flat.numel():
-            on, off = torch.nonzero(flat).flatten(), torch.nonzero(~flat).flatten()
-            flat[on[torch.randperm(len(on), generator=generator)[:k]]] = False
-            flat[off[torch.randperm(len(off), generator=generator)[:k]]] = True
-        new[name] = flat.view(mask.shape)
-    return new
-
-
 class Replies:
     """Encoded replies of one model under one global mask: every `moved_every`-th client
     (0: none) moved its mask; values on a grid of 1/8 (many ties)."""
@@ -112,7 +103,9 @@ class Replies:
         generator = torch.Generator().manual_seed(seed)
         self.records, self.sizes = [], torch.randint(1, 600, (count,), generator=generator).tolist()
         for i in range(count):
-            masks = moved(self.held.masks, 0.3, generator) if moved_every and i % moved_every == 0 else self.held.masks
+            masks = (
+                readjusted(self.held.masks, 0.3, generator) if moved_every and i % moved_every == 0 else self.held.masks
+            )
             values = {
                 name: torch.round(8 * (t + 0.05 * torch.randn(t.shape, generator=generator))) / 8
                 if t.is_floating_point() else t
