@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import TensorData
 from .masks import REGROW, Masks, apply_masks, masks_to, prune_and_regrow, seeded_generator
+
+if TYPE_CHECKING:  # annotations only: the run config's schema (config.py) imports this module
+    from .data import TensorData
 
 
 def batches(data: TensorData, batch_size: int, generator: torch.Generator | None):
