@@ -45,7 +45,7 @@ def bench_config(rounds: int, device: str, results: Path) -> dict:
     preset = tomllib.loads((ROOT / "conf" / "mnist-paper.toml").read_text())
     return {
         **defaults, **preset, "data-dir": str((ROOT / preset["data-dir"]).resolve()), "num-server-rounds": rounds,
-        "eval-interval": 10**6, "r-end": rounds, "delta-r": 10**6, "device": device, "strategy": "feddst",
+        "eval-interval": rounds + 1, "r-end": rounds, "delta-r": rounds + 1, "device": device, "strategy": "feddst",
         "results-dir": str(results), "run-name": f"round-time-{device}",
     }  # fmt: skip
 
