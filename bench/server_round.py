@@ -5,9 +5,10 @@ For each model (cifar10-cnn, femnist-cnn, resnet18) at S = 0.8 (ERK) and 20 and 
 
   FedDST   the strategy's `aggregate_train` on the sparse replies (the reply guard's checks,
            decoding every reply, the sparse weighted average with votes, the magnitude
-           re-prune, the server optimizer when set, the round's statistics), then the two
-           downloads of the next round: values only (or with a delta, after the mask moved)
-           for the nodes that replied, values with the full mask for a node that holds none.
+           re-prune, the server optimizer when set, the round's statistics), then its
+           `configure_train` of the next round for the nodes that replied and one that holds
+           no mask: values only (or with a delta, after the mask moved), and values with the
+           full mask (the strategy codes a mask once per mask version).
   Flower   `aggregate_arrayrecords` (what FedAvg's `aggregate_train` averages with) on the
            same clients' dense float32 replies.
 
@@ -160,15 +161,13 @@ class Round:
     def feddst(self) -> Callable[[], object]:
         """The server round on a fresh copy of the strategy (the copy is not timed)."""
         strategy = copy.deepcopy(self.strategy)
+        strategy.clients_per_round = len(self.replies) + 1  # every node that replied, and one that holds no mask
+        grid = BenchGrid(list(range(1, len(self.replies) + 2)))
 
         def run() -> object:
-            old_masks, old_version = strategy.masks, strategy.mask_version
             arrays, _ = strategy.aggregate_train(self.server_round, self.replies)
             assert arrays is not None, strategy.stats.failures
-            state = arrays.to_torch_state_dict()
-            moved = strategy.mask_version != old_version
-            held = encode(state, strategy.masks, moved, strategy.value_dtype, HeldMask(old_masks, old_version))
-            return held, encode(state, strategy.masks, True, strategy.value_dtype)
+            return strategy.configure_train(self.server_round + 1, arrays, ConfigRecord(), grid)
 
         return run
 
@@ -225,16 +224,17 @@ def client_codec(model_name: str, kind: str, repetitions: int) -> tuple[float, f
     config = ConfigRecord({P.SERVER_ROUND: bench.server_round, P.MASK_VERSION: strategy.mask_version})
     node_state = RecordDict()
     store_masks(node_state, strategy.masks, strategy.mask_version)
-    sent = HeldMask(strategy.masks, strategy.mask_version)
     alpha_r = readjust_alpha(bench.server_round, ALPHA, DELTA_R, R_END)
-    local = readjusted(strategy.masks, alpha_r, torch.Generator().manual_seed(3)) if alpha_r > 0 else strategy.masks
+    moved = readjusted(strategy.masks, alpha_r, torch.Generator().manual_seed(3)) if alpha_r > 0 else None
     weights = {name: t.clone() for name, t in strategy.global_state.items()}
-    for name, mask in local.items():
+    for name, mask in (moved or strategy.masks).items():
         weights[name].mul_(mask)
 
-    def run() -> None:
-        receive(model, download, config, node_state)
-        encode(weights, local, local is not sent.masks, strategy.value_dtype, sent)
+    def run() -> None:  # as client_round: a steady reply goes under the very masks received
+        _, masks = receive(model, download, config, node_state)
+        assert masks is not None
+        sent = HeldMask(masks, strategy.mask_version)
+        encode(weights, moved or masks, moved is not None, strategy.value_dtype, sent)
 
     seconds = []
     for _ in range(repetitions):

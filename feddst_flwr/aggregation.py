@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .codec import Sparse
-from .masks import Masks, TieKeys, tie_keys, top_k_among
+from .masks import Masks, TieKeys, positions, tie_keys, top_k_among
 
 
 @dataclass
@@ -167,7 +167,7 @@ class _LayerSum:
         self.held = held
         self.shape = tuple(held.shape)
         self.held_flat = held.flatten().numpy()
-        self.positions = np.flatnonzero(self.held_flat)
+        self.positions = positions(held)
         self.numerator = np.zeros(len(self.positions))
         self.held_weight, self.held_clients = 0, 0
         self.moved: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -180,18 +180,18 @@ class _LayerSum:
             self.held_weight += num_examples
             self.held_clients += 1
             return
-        positions = np.flatnonzero(mask.flatten().numpy())
+        at = positions(mask)
         if self.moved is None:
             size = self.held_flat.size
             self.moved = (np.zeros(size), np.zeros(size), np.zeros(size, dtype=np.int32))
             self.rank = np.cumsum(self.held_flat, dtype=np.int32) - 1  # a held position's index among them
         numerator, weight, clients = self.moved
-        in_held = self.held_flat[positions]
-        self.numerator[self.rank[positions[in_held]]] += weighted[in_held]
+        in_held = self.held_flat[at]
+        self.numerator[self.rank[at[in_held]]] += weighted[in_held]
         outside = ~in_held
-        numerator[positions[outside]] += weighted[outside]
-        weight[positions] += num_examples
-        clients[positions] += 1
+        numerator[at[outside]] += weighted[outside]
+        weight[at] += num_examples
+        clients[at] += 1
 
     def average(self, min_votes: int) -> LayerAverage:
         """The layer's average; the sums become it (call once)."""
@@ -201,7 +201,7 @@ class _LayerSum:
             average = average.astype(np.float32) if self.held_clients >= min_votes else np.zeros(count, np.float32)
             return LayerAverage(
                 self.shape,
-                torch.from_numpy(self.positions),
+                torch.from_numpy(self.positions.copy()),  # the mask's shared positions are read-only
                 torch.from_numpy(average),
                 torch.tensor(float(self.held_weight), dtype=torch.float64).expand(count),
                 torch.tensor(self.held_clients, dtype=torch.int64).expand(count),
@@ -211,13 +211,13 @@ class _LayerSum:
         numerator[self.positions] = self.numerator  # the moved numerator is zero there
         weight[self.positions] += self.held_weight
         clients[self.positions] += self.held_clients
-        positions = np.flatnonzero(clients)
-        numerator, weight, clients = numerator[positions], weight[positions], clients[positions]
+        at = np.flatnonzero(clients)
+        numerator, weight, clients = numerator[at], weight[at], clients[at]
         np.divide(numerator, np.maximum(weight, 1e-300), out=numerator)
         numerator[clients < min_votes] = 0.0
         return LayerAverage(
             self.shape,
-            torch.from_numpy(positions),
+            torch.from_numpy(at),
             torch.from_numpy(numerator.astype(np.float32)),
             torch.from_numpy(weight),
             torch.from_numpy(clients.astype(np.int64)),

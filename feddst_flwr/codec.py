@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord
 from numpy.lib import format as npy_format
 
 from .mask_coding import BITMASK_STYPE, MASK_STYPES, MaskCodingError, decode_mask, encode_mask
-from .masks import Masks, Shapes
+from .masks import Masks, Shapes, positions
 
 VALUES_STYPE = "feddst.values"
 DENSE_STYPE = "numpy.ndarray"
@@ -87,7 +87,7 @@ class Sparse:
     def _layer(self, name: str) -> torch.Tensor:
         mask = self.masks[name]
         dense = np.zeros(mask.numel(), dtype=np.float32)
-        dense[mask.flatten().numpy()] = self.values[name]
+        dense[positions(mask)] = self.values[name]
         return torch.from_numpy(dense).view(mask.shape)
 
 
@@ -115,6 +115,28 @@ def encode(
 ) -> ArrayRecord:
     """Encode a state dict: masked layers as values (+ their masks if send_mask, coded as a
     delta from `base` where that is smallest; `base` is a mask the receiver holds), rest dense."""
+    values = encode_values(state, masks, value_dtype)
+    return with_masks(values, encode_masks(masks, base)) if send_mask else values
+
+
+def encode_values(state: dict[str, torch.Tensor], masks: Masks, value_dtype: str = DEFAULT_VALUE_DTYPE) -> ArrayRecord:
+    """A payload without masks: each masked layer's values at its mask's positions (in
+    `value_dtype`), every other tensor dense.
+
+    Parameters
+    ----------
+    state : dict[str, torch.Tensor]
+        The state dict to send.
+    masks : Masks
+        The masks of the maskable layers (bool, the layers' shapes).
+    value_dtype : str
+        "float16" or "float32".
+
+    Returns
+    -------
+    ArrayRecord
+        The payload, in the state dict's order.
+    """
     dtype = VALUE_DTYPES[value_dtype]
     record = ArrayRecord()
     for name, tensor in state.items():
@@ -122,13 +144,32 @@ def encode(
         if name not in masks:
             record[name] = Array(tensor.numpy())
             continue
-        flat_mask = masks[name].detach().cpu().flatten().numpy()
-        values = np.compress(flat_mask, tensor.numpy().ravel()).astype(dtype)
-        shape = tuple(tensor.shape)
-        record[name] = Array(dtype=value_dtype, shape=shape, stype=VALUES_STYPE, data=values.tobytes())
-        if send_mask:
-            stype, data = encode_mask(flat_mask, *_held_layer(base, name))
-            record[name + MASK_SUFFIX] = Array(dtype="bool", shape=shape, stype=stype, data=data)
+        values = np.take(tensor.numpy().ravel(), positions(masks[name].detach().cpu())).astype(dtype)
+        record[name] = Array(dtype=value_dtype, shape=tuple(tensor.shape), stype=VALUES_STYPE, data=values.tobytes())
+    return record
+
+
+def encode_masks(masks: Masks, base: HeldMask | None = None) -> dict[str, Array]:
+    """Each layer's mask in its smallest coding (a delta from `base`, the mask the receiver
+    holds, where that is smallest), keyed `name:mask`: what `with_masks` adds to a payload."""
+    coded = {}
+    for name, mask in masks.items():
+        stype, data = encode_mask(mask.detach().cpu().flatten().numpy(), *_held_layer(base, name))
+        coded[name + MASK_SUFFIX] = Array(dtype="bool", shape=tuple(mask.shape), stype=stype, data=data)
+    return coded
+
+
+def with_masks(values: ArrayRecord, masks: dict[str, Array]) -> ArrayRecord:
+    """The payload `values` with the coded `masks` (from `encode_masks`), each after its
+    layer's values; the Arrays are shared, not copied."""
+    unknown = sorted(set(masks) - {name + MASK_SUFFIX for name in values})
+    if unknown:
+        raise CodecError(f"masks {unknown} have no values in the payload")
+    record = ArrayRecord()
+    for name, array in values.items():
+        record[name] = array
+        if name + MASK_SUFFIX in masks:
+            record[name + MASK_SUFFIX] = masks[name + MASK_SUFFIX]
     return record
 
 
@@ -274,7 +315,7 @@ def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.
     dtype = VALUE_DTYPES[array.dtype]
     if len(array.data) % dtype.itemsize:
         raise CodecError(f"layer '{name}': {len(array.data)} value bytes is not a multiple of {dtype.itemsize}")
-    active = int(np.count_nonzero(mask.numpy()))
+    active = len(positions(mask))
     if len(array.data) // dtype.itemsize != active:
         raise CodecError(
             f"layer '{name}': {len(array.data) // dtype.itemsize} values but the mask has {active} active weights"

@@ -77,11 +77,19 @@ def decode_mask(array: Array, size: int, held: np.ndarray | None, held_version: 
         into, out_of = _decode_streams(
             array.data[DELTA_HEADER.size :], [(size - was_active, entered), (was_active, left)]
         )
-        mask = held.copy()
-        mask[~held] = into.astype(bool)
-        mask[held] = ~out_of.astype(bool)
-        return mask
+        return _apply_delta(held, np.flatnonzero(into), np.flatnonzero(out_of))
     raise MaskCodingError(f"mask expected one of stypes {list(MASK_STYPES)}, got '{array.stype}'")
+
+
+def _apply_delta(held: np.ndarray, entered: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """The flat mask `held` with the `entered`-th of its inactive positions set and the
+    `left`-th of its active positions cleared (ascending indices among them)."""
+    active = np.flatnonzero(held)
+    before = active - np.arange(len(active))  # inactive positions before each active one
+    mask = held.copy()
+    mask[entered + np.searchsorted(before, entered, side="right")] = True  # the k-th inactive one
+    mask[active[left]] = False
+    return mask
 
 
 def _encode_full(mask: np.ndarray) -> bytes:

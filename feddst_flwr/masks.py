@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor of the weight's shape
 Shapes = dict[str, tuple[int, ...]]
@@ -127,11 +128,15 @@ class TieKeys:
         return self._generator
 
     def keys(self, n: int, positions: torch.Tensor) -> torch.Tensor:
-        """The keys of `positions` (flat, on the CPU) in a fresh permutation of n positions."""
+        """The keys of `positions` (flat, distinct, on the CPU) in a fresh permutation of n positions."""
         permutation = torch.randperm(n, generator=self.generator())
-        key = torch.empty(n, dtype=torch.long)
-        key[permutation] = torch.arange(n)
-        return key[positions]
+        wanted = torch.zeros(n, dtype=torch.bool)
+        wanted[positions] = True
+        places = torch.nonzero(wanted[permutation]).squeeze(1)  # where the wanted positions are in it
+        by_position = places[torch.argsort(permutation[places])]  # their keys, in ascending position order
+        keys = torch.empty(len(positions), dtype=torch.long)
+        keys[torch.argsort(positions)] = by_position
+        return keys
 
 
 def tie_keys(generator: torch.Generator | TieKeys) -> TieKeys:
@@ -356,6 +361,36 @@ def total_density(masks: Masks) -> float:
 def shapes_of(state: dict[str, torch.Tensor], names: list[str]) -> Shapes:
     """Shapes of the named tensors of a state dict."""
     return {name: tuple(state[name].shape) for name in names}
+
+
+_POSITIONS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> (its version counter, its positions)
+
+
+def positions(mask: torch.Tensor) -> np.ndarray:
+    """The flat (row-major) indices of a CPU bool mask's active positions, ascending.
+
+    Computed once per mask tensor and kept while the tensor lives (an in-place change of the
+    mask, which bumps its version counter, computes them again): the codec gathers and
+    scatters values with them, and the server's global mask and a node's received mask
+    serve many payloads.
+
+    Parameters
+    ----------
+    mask : torch.Tensor
+        A bool tensor on the CPU.
+
+    Returns
+    -------
+    np.ndarray
+        int64 indices into `mask.flatten()` (read-only: shared by every caller).
+    """
+    cached = _POSITIONS.get(mask)
+    if cached is not None and cached[0] == mask._version:
+        return cached[1]
+    found = np.flatnonzero(mask.numpy().ravel())
+    found.flags.writeable = False
+    _POSITIONS[mask] = (mask._version, found)
+    return found
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -9,7 +9,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
@@ -18,7 +18,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from . import protocol as P
 from .aggregation import ClientUpdate, RoundStats, SparseSum, SparseUpdate, magnitude_reprune
 from .checkpoint import Checkpoint, CheckpointError, check_shapes
-from .codec import DEFAULT_VALUE_DTYPE, CodecError, HeldMask, decode_sparse, encode
+from .codec import DEFAULT_VALUE_DTYPE, CodecError, HeldMask, decode_sparse, encode_masks, encode_values, with_masks
 from .mask_rules import ThompsonRule, numpy_rng
 from .masks import (
     Masks,
@@ -151,6 +151,8 @@ class FedDST(ReplyGuard):
         self.versions: dict[int, Masks] = {}  # mask versions some node holds: bases of download deltas
         self.sampled: list[int] = []  # this round's nodes
         self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
+        self._coded: dict[int | None, dict[str, Array]] = {}  # coded_masks of mask version _coded_version
+        self._coded_version = -1
         self.stats = RoundStats()
         self.round_timeout = 3600.0  # seconds a round waits for replies, and for missing nodes (`start` sets it)
 
@@ -186,6 +188,7 @@ class FedDST(ReplyGuard):
         self.counts = layer_counts(maskable_shapes, self.sparsity, self.sparsity_distribution)
         self.masks = random_masks(maskable_shapes, self.counts, self.seed)
         self.movement = MaskMovement(self.masks)
+        self._coded_version = -1  # a new mask: no coding of it yet
         apply_masks(state, self.masks)
         return ArrayRecord(state)
 
@@ -269,6 +272,7 @@ class FedDST(ReplyGuard):
         """Restore `state_dict()` after `initialize`; returns the global model `arrays`."""
         check_shapes(state, arrays, self.shapes, self.counts, posterior=self.thompson is not None)
         self.masks, self.mask_version = state["masks"], state["mask_version"]
+        self._coded_version = -1
         self.movement = MaskMovement(state["initial_masks"])
         try:
             self.rng.setstate(state["rng"])
@@ -322,6 +326,7 @@ class FedDST(ReplyGuard):
                 P.PROXIMAL_MU: self.proximal_mu,
             }
         )
+        values = encode_values(state, self.masks, self.value_dtype)  # every payload's, encoded once
         payloads: dict[int | None, ArrayRecord] = {}  # by the version the node holds
         messages = []
         self.sampled = self.sample(grid)
@@ -329,8 +334,7 @@ class FedDST(ReplyGuard):
             holds = self.delivered.get(node_id)
             send_mask = holds != self.mask_version
             if holds not in payloads:
-                base = HeldMask(self.versions[holds], holds) if holds in self.versions else None
-                payloads[holds] = encode(state, self.masks, send_mask, self.value_dtype, base)
+                payloads[holds] = with_masks(values, self.coded_masks(holds)) if send_mask else values
             content = RecordDict({self.arrayrecord_key: payloads[holds], self.configrecord_key: config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
             self.stats.masks_sent += send_mask
@@ -343,6 +347,17 @@ class FedDST(ReplyGuard):
             alpha_r,
         )
         return messages
+
+    def coded_masks(self, holds: int | None) -> dict[str, Array]:
+        """The global mask coded for a node that holds mask version `holds` (None: no mask;
+        a delta from a held version where that is smaller); each coding is made once per
+        mask version and reused while the mask stays."""
+        if self._coded_version != self.mask_version:
+            self._coded, self._coded_version = {}, self.mask_version
+        if holds not in self._coded:
+            base = HeldMask(self.versions[holds], holds) if holds in self.versions else None
+            self._coded[holds] = encode_masks(self.masks, base)
+        return self._coded[holds]
 
     def _aggregate_train(
         self, server_round: int, replies: Iterable[Message]

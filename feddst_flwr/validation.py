@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from . import protocol as P
 from .codec import DENSE_STYPE, VALUE_DTYPES, CodecError, decode_dense, is_sparse
 from .mask_rules import MASK_RULES
-from .masks import DISTRIBUTIONS
+from .masks import DISTRIBUTIONS, all_finite
 from .server_optimizer import ServerOptimizer
 
 # kind, low, high (None: unbounded) of every metric a client reports; see `check_number`
@@ -164,9 +164,13 @@ def nonfinite(value: Any, path: str, seen: set[int] | None = None) -> str | None
     if isinstance(value, Array):
         value = value.numpy() if value.stype == DENSE_STYPE else None
     if isinstance(value, torch.Tensor):
-        return path if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
-    if isinstance(value, np.ndarray):
-        return path if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all() else None
+        return path if value.is_floating_point() and not all_finite(value) else None
+    if isinstance(value, np.ndarray):  # as all_finite: a finite sum first, one pass without allocation
+        if not np.issubdtype(value.dtype, np.floating):
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowed sum gets the exact check
+            finite = np.isfinite(value.sum()) or np.isfinite(value).all()
+        return None if finite else path
     seen = set() if seen is None else seen
     if id(value) in seen:
         return None

@@ -433,6 +433,10 @@ def test_nonfinite_names_the_first_non_finite_array_of_a_state():
     assert nonfinite(state, "state") == "state['v']['w']"
     assert nonfinite(ServerOptimizer("adam", 0.1, 0.9), "server_optimizer") is None
     assert nonfinite(ArrayRecord({"b": Array(np.array([np.nan], np.float32))}), "model") == "model['b']"
+    large = np.full(4, 3e38, np.float32)  # finite, though its float32 sum overflows
+    assert nonfinite({"a": large, "t": torch.from_numpy(large)}, "state") is None
+    large[2] = -np.inf
+    assert nonfinite({"a": large}, "state") == "state['a']"
 
 
 def test_update_norms_are_judged_against_the_median_of_the_other_replies():

@@ -473,3 +473,27 @@ def test_selections_sharing_tie_keys_match_selections_sharing_a_generator(layers
         reference = sorted_top_k(scores, k, eager)
         assert torch.equal(M.top_k_mask(scores, k, keys), reference)
     assert torch.equal(keys.generator().get_state(), eager.get_state())
+
+
+def test_positions_are_the_active_indices_kept_per_mask_until_it_changes():
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, 1] = mask[2, 3] = True
+    first = M.positions(mask)
+    assert first.tolist() == [1, 11] and M.positions(mask) is first and not first.flags.writeable
+    mask[1, 0] = True  # in place: the version counter moves, the positions are found again
+    assert M.positions(mask).tolist() == [1, 4, 11]
+    assert M.positions(mask.view(12)).tolist() == [1, 4, 11]  # a view of the changed mask too
+    assert M.positions(torch.zeros(0, dtype=torch.bool)).tolist() == []
+
+
+@pytest.mark.parametrize("n, count", [(1, 1), (10, 3), (1000, 1000), (5000, 17)])
+def test_tie_keys_are_places_in_one_permutation_whatever_the_order_of_positions(n, count):
+    """keys(n, positions) is each position's place in torch.randperm(n) (positions given in
+    any order), and leaves the generator as the permutation did."""
+    eager, lazy = torch.Generator().manual_seed(n), M.TieKeys(torch.Generator().manual_seed(n))
+    positions = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:count]
+    permutation = torch.randperm(n, generator=eager)
+    place = torch.empty(n, dtype=torch.long)
+    place[permutation] = torch.arange(n)
+    assert torch.equal(lazy.keys(n, positions), place[positions])
+    assert torch.equal(lazy.generator().get_state(), eager.get_state())

@@ -21,6 +21,7 @@ from feddst_flwr.codec import (
     MASK_SUFFIX,
     CodecError,
     HeldMask,
+    carries_mask,
     decode,
     encode,
     payload_bytes,
@@ -172,6 +173,41 @@ def test_bitmask_only_to_nodes_lacking_the_current_version(federation):
     third = federation.configure(3)
     assert mask_flags(third) == {1: True, 2: True, 3: True}
     assert {m.content["config"]["mask-version"] for m in third} == {1}
+
+
+def test_downloads_are_encode_of_the_global_model_and_code_a_mask_once_per_version(make_cfg):
+    """Each download is what `codec.encode` gives for the node's held version (full mask,
+    delta, or none), byte for byte; a mask's coding is made once per mask version and
+    shared by the rounds it stays, and made again once the mask moves."""
+    strategy = make_strategy(alpha=0.0, clients_per_round=2)
+    federation = Federation(make_cfg(), strategy=strategy, node_ids=(1, 2, 3, 4))
+    coded: dict[int, object] = {}
+    for server_round in range(1, 5):
+        messages = federation.configure(server_round)
+        held = HeldMask(strategy.masks, strategy.mask_version)
+        state = federation.arrays.to_torch_state_dict()
+        for message in messages:
+            sent = message.content["arrays"]
+            expected = encode(state, strategy.masks, carries_mask(sent), strategy.value_dtype)
+            assert list(sent) == list(expected)
+            assert all(sent[key].data == expected[key].data for key in expected)
+            if carries_mask(sent):
+                first = coded.setdefault(held.version, sent[MASKABLE[0] + MASK_SUFFIX])
+                assert sent[MASKABLE[0] + MASK_SUFFIX] is first  # coded once, shared
+        federation.aggregate(server_round, [federation.reply(m) for m in messages])
+    assert strategy.mask_version == 0 and set(coded) == {0}
+
+    moving = Federation(make_cfg(), strategy=make_strategy(r_end=10))
+    moving.round(1)
+    before = moving.strategy.coded_masks(None)
+    moving.round(2)  # readjust round: the mask moves
+    assert moving.strategy.mask_version == 1
+    after = moving.strategy.coded_masks(None)
+    assert after is not before and after is moving.strategy.coded_masks(None)
+    third = moving.configure(3)  # every node holds version 0: a delta from it, where smaller
+    held = HeldMask(moving.strategy.versions[0], 0)
+    expected = encode(moving.arrays.to_torch_state_dict(), moving.strategy.masks, True, "float16", held)
+    assert all(third[0].content["arrays"][key].data == expected[key].data for key in expected)
 
 
 def test_mask_movement_statistics(federation):
