@@ -12,7 +12,7 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from types import ModuleType
@@ -141,7 +141,7 @@ def outliers(norms: list[float], factor: float) -> list[str | None]:
     ]  # fmt: skip
 
 
-def nonfinite(value: Any, path: str, seen: set[int] | None = None) -> str | None:
+def nonfinite(value: Any, path: str) -> str | None:
     """Where `value` holds a NaN or an infinity: `path` extended to the first floating-point
     array (numpy, torch, or a dense Flower `Array`) that does, looking through mappings,
     lists, tuples and objects' attributes (a strategy's whole state: the model, FedDST's
@@ -153,27 +153,37 @@ def nonfinite(value: Any, path: str, seen: set[int] | None = None) -> str | None
         An array, or a container or object holding arrays.
     path : str
         How the caller names `value` (e.g. "v_t").
-    seen : set[int] | None
-        Ids of the containers and objects already looked through (cycles are looked at once).
 
     Returns
     -------
     str | None
         E.g. "server_optimizer.v['fc1.weight']".
     """
-    if isinstance(value, Array):
-        value = value.numpy() if value.stype == DENSE_STYPE else None
-    if isinstance(value, torch.Tensor):
-        return path if value.is_floating_point() and not all_finite(value) else None
-    if isinstance(value, np.ndarray):  # as all_finite: a finite sum first, one pass without allocation
-        if not np.issubdtype(value.dtype, np.floating):
-            return None
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflowed sum gets the exact check
-            finite = np.isfinite(value.sum()) or np.isfinite(value).all()
-        return None if finite else path
+    return next((where for where, array in arrays_in(value, path) if not _finite(array)), None)
+
+
+def _finite(array: torch.Tensor | np.ndarray | Array) -> bool:
+    if isinstance(array, Array):
+        if array.stype != DENSE_STYPE:
+            return True
+        array = array.numpy()
+    if isinstance(array, torch.Tensor):
+        return not array.is_floating_point() or all_finite(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):  # as all_finite: a finite sum first, else the exact check
+        return bool(np.isfinite(array.sum()) or np.isfinite(array).all())
+
+
+def arrays_in(value: Any, path: str, seen: set[int] | None = None) -> Iterator[tuple[str, Any]]:
+    """Every array (numpy, torch, Flower `Array`) in `value` with its path, looking through
+    mappings, lists, tuples and objects' attributes, each container and object once."""
+    if isinstance(value, (Array, torch.Tensor, np.ndarray)):
+        yield path, value
+        return
     seen = set() if seen is None else seen
     if id(value) in seen:
-        return None
+        return
     if isinstance(value, Mapping):
         children: Iterable[tuple[str, Any]] = ((f"{path}[{key!r}]", item) for key, item in value.items())
     elif isinstance(value, (list, tuple)):
@@ -181,9 +191,37 @@ def nonfinite(value: Any, path: str, seen: set[int] | None = None) -> str | None
     elif hasattr(value, "__dict__") and not callable(value) and not isinstance(value, ModuleType):
         children = ((f"{path}.{key}", item) for key, item in vars(value).items())
     else:
-        return None
+        return
     seen.add(id(value))
-    return next((where for name, item in children if (where := nonfinite(item, name, seen)) is not None), None)
+    for name, item in children:
+        yield from arrays_in(item, name, seen)
+
+
+class StateCopy:
+    """A copy of a strategy's state to restore it from: every container and array copied,
+    except torch tensors, which are kept as they are with their version counters (the
+    strategies replace tensors rather than change them: a round's aggregate leaves the global
+    model and the masks untouched, so they are not copied every round). `restore` refuses if
+    one of them was changed in place since."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        seen: set[int] = set()
+        found = (arrays_in(value, name, seen) for name, value in state.items())
+        self.tensors = [(where, t, t._version) for items in found for where, t in items if isinstance(t, torch.Tensor)]
+        self.state = copy.deepcopy(state, {id(t): t for _, t, _ in self.tensors})
+
+    def restore(self) -> dict[str, Any]:
+        """The state as it was.
+
+        Raises
+        ------
+        RuntimeError
+            A tensor of the state was changed in place (named): it cannot be restored.
+        """
+        changed = [where for where, tensor, version in self.tensors if tensor._version != version]
+        if changed:
+            raise RuntimeError(f"aggregate_train changed {changed[0]} in place: the round cannot be undone")
+        return self.state
 
 
 def same_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
@@ -317,13 +355,13 @@ class ReplyGuard(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The strategy's aggregate of the screened replies, if it is finite."""
         replies = self.screen(list(replies))
-        before = copy.deepcopy(self.state())
+        before = StateCopy(self.state())
         arrays, metrics = self._aggregate_train(server_round, replies)
         problem = nonfinite(arrays, "the aggregated model") or next(
             (where for name, value in self.state().items() if (where := nonfinite(value, name)) is not None), None
         )
         if problem is not None:
-            vars(self).update(before)
+            vars(self).update(before.restore())
             self.health.discarded = True
             log(WARNING, "aggregate_train: round %d discarded, %s is not finite", server_round, problem)
             return None, None

@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 
 from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, VALUE_DTYPES, VALUES_STYPE, HeldMask, decode, encode
 from feddst_flwr.mask_coding import CODED_HEADER, CODED_STYPE
+from feddst_flwr.prunefl import PruneFL
 from feddst_flwr.server_optimizer import ServerOptimizer
-from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, guarded, nonfinite, outliers
+from feddst_flwr.validation import REPLY_METRICS, Health, ReplyGuard, StateCopy, guarded, nonfinite, outliers
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -437,6 +438,43 @@ def test_nonfinite_names_the_first_non_finite_array_of_a_state():
     assert nonfinite({"a": large, "t": torch.from_numpy(large)}, "state") is None
     large[2] = -np.inf
     assert nonfinite({"a": large}, "state") == "state['a']"
+
+
+def test_the_state_copy_keeps_tensors_and_refuses_to_restore_one_changed_in_place():
+    tensor, array = torch.ones(3), np.zeros(2)
+    state = {"global_state": {"w": tensor}, "m_t": [array]}
+    before = StateCopy(state)
+    state["m_t"][0] += 1.0  # numpy arrays (Flower's moments) are copied
+    restored = before.restore()
+    assert restored["global_state"]["w"] is tensor and restored["m_t"][0].tolist() == [0.0, 0.0]
+    tensor.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"changed global_state\['w'\] in place: the round cannot be undone"):
+        before.restore()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: make_strategy(clients_per_round=3),
+        lambda: make_strategy(clients_per_round=3, server_optimizer=ServerOptimizer("adam", 0.01, 0.9)),
+        lambda: make_strategy(clients_per_round=3, server_optimizer=ServerOptimizer("momentum", 1.0, 0.9)),
+        lambda: make_strategy(clients_per_round=3, mask_rule="thompson"),
+        lambda: PruneFL(maskable=MASKABLE, sparsity=0.8, delta_r=2, r_end=10, clients_per_round=3, seed=0),
+    ],
+    ids=["feddst", "adam", "momentum", "thompson", "prunefl"],
+)
+def test_feddst_rounds_change_no_state_tensor_in_place(make_cfg, build):
+    """The reply guard keeps the state's tensors instead of copying them (StateCopy): FedDST's
+    aggregate, readjust rounds included, must replace tensors, never change them in place."""
+    federation = Federation(make_cfg(), "feddst")
+    federation.strategy = build()
+    federation.arrays = federation.strategy.initialize(ArrayRecord(new_model().state_dict()))
+    for server_round in range(1, 6):  # delta_r 2: rounds 2 and 4 readjust
+        messages = federation.configure(server_round)
+        before = StateCopy(federation.strategy.state())
+        federation.aggregate(server_round, [federation.reply(m) for m in messages])
+        before.restore()
+    assert federation.strategy.mask_version > 0
 
 
 def test_update_norms_are_judged_against_the_median_of_the_other_replies():
