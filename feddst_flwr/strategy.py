@@ -151,7 +151,7 @@ class FedDST(ReplyGuard):
         self.versions: dict[int, Masks] = {}  # mask versions some node holds: bases of download deltas
         self.sampled: list[int] = []  # this round's nodes
         self.global_state: dict[str, torch.Tensor] = {}  # the model sent this round
-        self._coded: dict[int | None, dict[str, Array]] = {}  # coded_masks of mask version _coded_version
+        self._coded: dict[int | None, dict[str, tuple[str, tuple[int, ...], bytes]]] = {}  # of _coded_version
         self._coded_version = -1
         self.stats = RoundStats()
         self.round_timeout = 3600.0  # seconds a round waits for replies, and for missing nodes (`start` sets it)
@@ -351,13 +351,21 @@ class FedDST(ReplyGuard):
     def coded_masks(self, holds: int | None) -> dict[str, Array]:
         """The global mask coded for a node that holds mask version `holds` (None: no mask;
         a delta from a held version where that is smaller); each coding is made once per
-        mask version and reused while the mask stays."""
+        mask version and reused while the mask stays. The codes are kept as our own bytes and
+        each call returns new Arrays: Flower may change an Array it has sent (its data becomes
+        a memoryview in deployment), which a strategy's state must not hold."""
         if self._coded_version != self.mask_version:
             self._coded, self._coded_version = {}, self.mask_version
         if holds not in self._coded:
             base = HeldMask(self.versions[holds], holds) if holds in self.versions else None
-            self._coded[holds] = encode_masks(self.masks, base)
-        return self._coded[holds]
+            coded = encode_masks(self.masks, base)
+            self._coded[holds] = {
+                key: (array.stype, tuple(array.shape), bytes(array.data)) for key, array in coded.items()
+            }
+        return {
+            key: Array(dtype="bool", shape=shape, stype=stype, data=data)
+            for key, (stype, shape, data) in self._coded[holds].items()
+        }
 
     def _aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -192,8 +192,8 @@ def test_downloads_are_encode_of_the_global_model_and_code_a_mask_once_per_versi
             assert list(sent) == list(expected)
             assert all(sent[key].data == expected[key].data for key in expected)
             if carries_mask(sent):
-                first = coded.setdefault(held.version, sent[MASKABLE[0] + MASK_SUFFIX])
-                assert sent[MASKABLE[0] + MASK_SUFFIX] is first  # coded once, shared
+                first = coded.setdefault(held.version, sent[MASKABLE[0] + MASK_SUFFIX].data)
+                assert sent[MASKABLE[0] + MASK_SUFFIX].data is first  # coded once, its bytes shared
         federation.aggregate(server_round, [federation.reply(m) for m in messages])
     assert strategy.mask_version == 0 and set(coded) == {0}
 
@@ -203,7 +203,8 @@ def test_downloads_are_encode_of_the_global_model_and_code_a_mask_once_per_versi
     moving.round(2)  # readjust round: the mask moves
     assert moving.strategy.mask_version == 1
     after = moving.strategy.coded_masks(None)
-    assert after is not before and after is moving.strategy.coded_masks(None)
+    key = MASKABLE[0] + MASK_SUFFIX
+    assert after[key].data is not before[key].data and after[key].data is moving.strategy.coded_masks(None)[key].data
     third = moving.configure(3)  # every node holds version 0: a delta from it, where smaller
     held = HeldMask(moving.strategy.versions[0], 0)
     expected = encode(moving.arrays.to_torch_state_dict(), moving.strategy.masks, True, "float16", held)
