@@ -138,7 +138,6 @@ def encode_values(state: dict[str, torch.Tensor], masks: Masks, value_dtype: str
     ArrayRecord
         The payload, in the state dict's order.
     """
-    dtype = VALUE_DTYPES[value_dtype]
     record = ArrayRecord()
     for name, tensor in state.items():
         tensor = tensor.detach().cpu()

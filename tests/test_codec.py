@@ -132,12 +132,22 @@ def test_encoded_layout():
 
 @pytest.mark.parametrize(
     "array",
-    [np.zeros((), np.int64), np.arange(5, dtype=np.float32), np.ones((3, 4, 5), np.float32), np.zeros((0, 3), np.float32)],
+    [
+        np.zeros((), np.int64),
+        np.arange(5, dtype=np.float32),
+        np.ones((3, 4, 5), np.float32),
+        np.zeros((0, 3), np.float32),
+    ],
     ids=["0-d int64", "vector", "3-d", "empty"],
 )
 def test_dense_array_holds_what_flowers_array_holds(array):
     ours, flowers = codec.dense_array(array), Array(array)
-    assert (ours.data, ours.dtype, ours.shape, ours.stype) == (flowers.data, flowers.dtype, flowers.shape, flowers.stype)
+    assert (ours.data, ours.dtype, ours.shape, ours.stype) == (
+        flowers.data,
+        flowers.dtype,
+        flowers.shape,
+        flowers.stype,
+    )
 
 
 def test_dense_array_of_a_transposed_tensor_reads_back_equal():
@@ -149,7 +159,9 @@ def test_float16_values_are_numpys_rounding_bit_for_bit():
     # torch converts: the same round-to-nearest-even as numpy, subnormals, overflow to inf and NaN-free
     special = [65504.0, 65519.99, 65520.0, -7e4, 6e-8, 2.0**-25, 2.0**-25 * 1.0000001, 2.0**-24, 1e-45, -0.0]
     scales = np.repeat(np.float32([1e-7, 1e-4, 1.0, 1e3, 3e4]), 20_000)
-    values = np.concatenate([np.random.default_rng(0).standard_normal(scales.size).astype(np.float32) * scales, special])
+    values = np.concatenate(
+        [np.random.default_rng(0).standard_normal(scales.size).astype(np.float32) * scales, special]
+    )
     values = values.astype(np.float32)
     state, masks = {"w": torch.from_numpy(values)}, {"w": torch.ones(values.size, dtype=torch.bool)}
     with np.errstate(over="ignore"):

@@ -22,6 +22,7 @@ from feddst_flwr.mask_coding import (
     MaskCodingError,
     _encode_delta,
     _encode_full,
+    _full_code_floor,
     decode_mask,
     encode_mask,
 )
@@ -104,6 +105,29 @@ def test_smallest_coding_is_chosen():
     assert encode_mask(base)[0] == CODED_STYPE
     assert encode_mask(flipped(base, 0.004), base, 3)[0] == DELTA_STYPE
     assert encode_mask(random_mask(size, 0.2, seed=9), base, 3)[0] == CODED_STYPE  # unrelated to the base
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000, 100_000])
+@pytest.mark.parametrize("density", [0.0, 1e-3, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("changed", [0.0, 0.001, 0.05, 0.3, 0.6, 1.0])
+def test_skipping_the_full_code_never_changes_the_choice(size, density, changed):
+    base = random_mask(size, density)
+    mask = flipped(base, changed, seed=size)
+    full = _encode_full(mask)
+    assert _full_code_floor(int(mask.sum()), size) <= len(full)
+    candidates = [
+        (BITMASK_STYPE, np.packbits(mask).tobytes()),
+        (CODED_STYPE, full),
+        (DELTA_STYPE, _encode_delta(mask, base, 2)),
+    ]
+    assert encode_mask(mask, base, 2) == min(candidates, key=lambda candidate: len(candidate[1]))
+
+
+@given(st.integers(1, 3000), st.floats(0.0, 1.0), st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_full_code_floor_is_below_every_full_code(size, density, seed):
+    mask = np.random.default_rng(seed).random(size) < density
+    assert _full_code_floor(int(mask.sum()), size) <= len(_encode_full(mask))
 
 
 # --------------------------------------------------------------------------- rejections
