@@ -428,10 +428,11 @@ class FedDST(ReplyGuard):
             rng = numpy_rng(self.seed, "thompson", server_round)
             masks = self.thompson.select(self.masks, votes, self.stats.readjust_alpha, self.min_votes, rng)
         masks = self.reconfigure(receipts, masks, keys)
-        state = average.state(masks)
-        state = self.server_optimizer.step(self.global_state, state, masks, self.masks)
         if self.movement.record(self.stats, self.masks, masks, votes, len(receipts)):
             self.mask_version += 1
+        state = average.state(masks)
+        del total, average, votes  # the round's sums (about a model copy) go before the model is built
+        state = self.server_optimizer.step(self.global_state, state, masks, self.masks)
         self.stats.mask_version = self.mask_version
         self.masks = masks
         return ArrayRecord(state), aggregate_metricrecords(contents, self.weighted_by_key)
