@@ -46,11 +46,12 @@ def encode_mask(mask: np.ndarray, base: np.ndarray | None = None, version: int =
     after a readjustment the delta is far smaller, and coding every position twice would
     double the time."""
     candidates = [(BITMASK_STYPE, np.packbits(mask).tobytes())]
-    if base is not None:
-        candidates.append((DELTA_STYPE, _encode_delta(mask, base, version)))
-    if base is None or _full_code_floor(int(np.count_nonzero(mask)), mask.size) <= len(candidates[1][1]):
-        candidates.insert(1, (CODED_STYPE, _encode_full(mask)))
-    return min(candidates, key=lambda candidate: len(candidate[1]))
+    delta = None if base is None else (DELTA_STYPE, _encode_delta(mask, base, version))
+    if delta is None or _full_code_floor(int(np.count_nonzero(mask)), mask.size) <= len(delta[1]):
+        candidates.append((CODED_STYPE, _encode_full(mask)))
+    if delta is not None:
+        candidates.append(delta)
+    return min(candidates, key=lambda candidate: len(candidate[1]))  # the first of equal sizes
 
 
 def _full_code_floor(count: int, size: int) -> float:
