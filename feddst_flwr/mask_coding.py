@@ -55,10 +55,11 @@ def encode_mask(mask: np.ndarray, base: np.ndarray | None = None, version: int =
 
 
 def _full_code_floor(count: int, size: int) -> float:
-    """Fewer bytes than the full coding of any mask of `count` active positions in `size`
-    takes: its information under any Bernoulli model is at least size * H(count / size)
-    bits (Gibbs), and the range coder's interval never widens, so its words hold that
-    less at most one word of flush; 0.1 % and one more word spare rounding."""
+    """A lower bound on the bytes of the full coding of any mask with `count` active
+    positions out of `size`. Under any Bernoulli model such a mask carries at least
+    size * H(count / size) bits of information (Gibbs' inequality), and the range coder's
+    interval never widens, so its words hold at least that, less one word of flush; the
+    bound takes off 0.1 % and a second word for rounding."""
     if count in (0, size):
         return CODED_HEADER.size
     p = count / size
