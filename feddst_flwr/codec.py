@@ -368,4 +368,22 @@ def masks_from_record(record: ArrayRecord, shapes: Shapes) -> Masks:
     wrong = sorted(name for name, array in record.items() if array.stype != BITMASK_STYPE)
     if wrong:
         raise CodecError(f"stored masks {wrong} are not plain bitmasks")
-    return {name: _decode_mask(name, record[name], shape, None) for name, shape in shapes.items()}
+    return {name: _stored_layer(name, record[name], shape) for name, shape in shapes.items()}
+
+
+# layer -> the last stored mask unpacked: (its bits, shape, tensor, the tensor's version counter)
+_STORED: dict[str, tuple[bytes, tuple[int, ...], torch.Tensor, int]] = {}
+
+
+def _stored_layer(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
+    """A stored layer's mask, unpacked once: a node holds the same mask round after round,
+    so the tensor (and the positions cached on it) is reused while the stored bits and the
+    shape are the same and the tensor has not been changed in place since."""
+    cached = _STORED.get(name)
+    if cached is not None:
+        bits, cached_shape, mask, version = cached
+        if cached_shape == shape == tuple(array.shape) and mask._version == version and bits == array.data:
+            return mask
+    mask = _decode_mask(name, array, shape, None)
+    _STORED[name] = (bytes(array.data), shape, mask, mask._version)
+    return mask

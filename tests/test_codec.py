@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord
 
 from feddst_flwr import codec
 from feddst_flwr.codec import BITMASK_STYPE, DENSE_STYPE, MASK_SUFFIX, NPY_HEADER_LIMIT, VALUES_STYPE, CodecError
-from feddst_flwr.masks import layer_counts, maskable_names, random_masks, shapes_of
+from feddst_flwr.masks import layer_counts, maskable_names, positions, random_masks, shapes_of
 from feddst_flwr.models import DigitsCNN
 
 MASKABLE = ["conv.weight", "fc.weight"]
@@ -442,6 +442,42 @@ def test_masks_record_round_trip():
 def test_masks_record_name_mismatch(shapes):
     with pytest.raises(CodecError, match="stored masks"):
         codec.masks_from_record(codec.masks_to_record(make_masks()), shapes)
+
+
+def test_stored_masks_are_unpacked_once_while_the_bits_are_the_same():
+    masks = make_masks()
+    shapes = {n: tuple(m.shape) for n, m in masks.items()}
+    first = codec.masks_from_record(codec.masks_to_record(masks), shapes)
+    again = codec.masks_from_record(codec.masks_to_record(masks), shapes)  # equal bits, new bytes objects
+    assert all(again[n] is first[n] for n in masks)
+    assert all(positions(again[n]) is positions(first[n]) for n in masks)
+    moved = {n: m.clone() for n, m in masks.items()}
+    moved["fc.weight"][0] = ~moved["fc.weight"][0]
+    changed = codec.masks_from_record(codec.masks_to_record(moved), shapes)
+    assert changed["fc.weight"] is not first["fc.weight"] and torch.equal(changed["fc.weight"], moved["fc.weight"])
+    assert changed["conv.weight"] is first["conv.weight"]
+
+
+def test_stored_mask_changed_in_place_is_unpacked_again():
+    masks = make_masks()
+    shapes = {n: tuple(m.shape) for n, m in masks.items()}
+    record = codec.masks_to_record(masks)
+    held = codec.masks_from_record(record, shapes)
+    held["fc.weight"][0, 0] = ~held["fc.weight"][0, 0]  # a caller's in-place change
+    restored = codec.masks_from_record(record, shapes)
+    assert restored["fc.weight"] is not held["fc.weight"]
+    assert all(torch.equal(restored[n], masks[n]) for n in masks)
+
+
+def test_stored_mask_with_a_wrong_declared_shape_is_rejected_after_a_hit():
+    masks = make_masks()
+    shapes = {n: tuple(m.shape) for n, m in masks.items()}
+    record = codec.masks_to_record(masks)
+    codec.masks_from_record(record, shapes)
+    bits = record["fc.weight"]
+    record["fc.weight"] = Array(dtype="bool", shape=(5, 3), stype=BITMASK_STYPE, data=bits.data)
+    with pytest.raises(CodecError, match="fc.weight"):
+        codec.masks_from_record(record, shapes)
 
 
 def test_masks_record_shape_mismatch():
