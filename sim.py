@@ -6,6 +6,7 @@ simulation engine on Ray), one after another; then the report.
     python sim.py NAME --only A --only B   # only these strategies (e.g. arms split over worktrees)
     python sim.py NAME --only A --seed 1   # only these seeds (repeatable; e.g. seeds split over worktrees)
     python sim.py gain OUT.png NAME [NAME ...] [--strategy S]   # S - randommask against sparsity
+    python sim.py swap NAME INTO --weights A --mask B --seed K   # INTO starts as A's model under B's mask
 
 An experiment file names a preset (conf/<preset>.toml), the strategies, the seeds and the
 number of simulated nodes, plus run-config overrides for all runs ([run-config]) and per
@@ -33,8 +34,11 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 import tomllib
+import torch
 
 from feddst_flwr import report
+from feddst_flwr.checkpoint import fingerprint, swapped
+from feddst_flwr.registry import load_config
 
 ROOT = Path(__file__).resolve().parent
 
@@ -284,23 +288,61 @@ def gain_plot(path: Path, experiments: list[str], strategy: str) -> str:
     )
 
 
+def swap(experiment: Experiment, results: Path, into: str, weights: str, mask: str, seed: int) -> str:
+    """Start run INTO-seed<seed> from the last checkpoints of runs `weights` and `mask` (of
+    the same round): `weights`' model under `mask`'s mask (`checkpoint.swapped`); running the
+    experiment then resumes it. INTO is a strategy of the experiment with `mask`'s run config
+    (rounds aside); its folder must not exist yet."""
+    for name in (into, weights, mask):
+        if name not in experiment.strategies:
+            raise ValueError(f"swap: '{name}' is not a strategy of {experiment.name} ({experiment.strategies})")
+    run_dir = results / f"{into}-seed{seed}"
+    if run_dir.exists():
+        raise ValueError(f"swap: {run_dir} exists; delete it to start the swap again")
+    sources = {name: results / f"{name}-seed{seed}" / "checkpoint.pt" for name in (weights, mask)}
+    for path in sources.values():
+        if not path.exists():
+            raise ValueError(f"swap: no checkpoint at {path}")
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    expected = fingerprint(load_config({**defaults, **experiment.config(into, seed, results)}))  # as flwr run merges
+    state = swapped(sources[weights], sources[mask])
+    differing = sorted(
+        key for key in expected.keys() | state["config"].keys() if expected.get(key) != state["config"].get(key)
+    )
+    if differing:
+        raise ValueError(
+            f"swap: {into} and {mask} differ in run config ({', '.join(differing)}): INTO must run {mask}'s config"
+        )
+    run_dir.mkdir(parents=True)
+    torch.save(state, run_dir / "checkpoint.pt")
+    return f"{run_dir.name}: {weights}'s model under {mask}'s mask after round {state['round']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="+", metavar="[report] EXPERIMENT")
     parser.add_argument("--only", action="append", metavar="STRATEGY", help="run only this strategy (repeatable)")
     parser.add_argument("--seed", action="append", type=int, help="run only this seed (repeatable)")
     parser.add_argument("--strategy", default="feddst", help="gain: the moving-mask arm (default feddst)")
+    parser.add_argument("--weights", help="swap: the run whose model INTO starts from")
+    parser.add_argument("--mask", help="swap: the run whose mask (and run config) INTO continues")
     parsed = parser.parse_args()
     args = parsed.args
     if args[0] == "gain":
         print(gain_plot(Path(args[1]), args[2:], parsed.strategy))
         return
     only_report = args[0] == "report"
-    path = Path(args[-1])
+    name = args[1] if args[0] == "swap" else args[-1]
+    path = Path(name)
     if not path.exists():
-        path = ROOT / "experiments" / f"{args[-1]}.toml"
+        path = ROOT / "experiments" / f"{name}.toml"
     experiment = Experiment.load(path)
     results = ROOT / "results" / experiment.name
+    if args[0] == "swap":
+        if len(args) != 3 or not (parsed.weights and parsed.mask and parsed.seed and len(parsed.seed) == 1):
+            parser.error("swap NAME INTO needs --weights A --mask B and one --seed K")
+        print(swap(experiment, results, args[2], parsed.weights, parsed.mask, parsed.seed[0]))
+        return
     if not only_report:
         run_experiment(experiment, results, flwr_run, parsed.only, parsed.seed)
     print(write_report(results, experiment.caption, experiment.reference))

@@ -103,16 +103,9 @@ def load_checkpoint(cfg: RunConfig) -> Checkpoint:
     path = checkpoint_path(cfg)
     if not path.exists():
         raise CheckpointError(f"resume = true but there is no checkpoint at {path} (set checkpoint-every > 0)")
-    try:
-        saved = torch.load(path, weights_only=True)
-        fields = {key: saved[key] for key in ("round", "arrays", "strategy", "recorder")}
-        version, config = saved["format"], saved["config"]
-    except Exception as err:  # torch.load raises many types on damaged files
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
-    _expect(version, int, "format")
-    if version != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {version}, this version reads {FORMAT}")
-    check_config(config)
+    saved = read_checkpoint(path)
+    fields = {key: saved[key] for key in ("round", "arrays", "strategy", "recorder")}
+    config = saved["config"]
     expected = fingerprint(cfg)
     differing = sorted(key for key in expected.keys() | config.keys() if expected.get(key) != config.get(key))
     if differing:
@@ -122,6 +115,67 @@ def load_checkpoint(cfg: RunConfig) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} was written by a different experiment ({details})")
     check_fields(fields, cfg.num_server_rounds)
     return Checkpoint(**fields)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file as `save_checkpoint` wrote it: its format checked, its run-config
+    fingerprint well formed (the other fields are checked against a run by `load_checkpoint`).
+    CheckpointError names the file and the field."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        keys = ("format", "config", "round", "arrays", "strategy", "recorder")
+        saved = {key: saved[key] for key in keys}
+    except Exception as err:  # torch.load raises many types on damaged files
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
+    _expect(saved["format"], int, "format")
+    if saved["format"] != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {saved['format']}, this version reads {FORMAT}")
+    check_config(saved["config"])
+    return saved
+
+
+def swapped(weights: Path, mask: Path) -> dict[str, Any]:
+    """A checkpoint that trains one run's model under another run's mask (the swap test of
+    docs/mask-dynamics.md): the checkpoint file `mask` (its round, mask, mask history, sampling
+    RNG, records and run config) holding the model of the checkpoint file `weights`, masked
+    layers zero outside the mask (positions the mask adds start at zero); the server
+    optimizer's moments start afresh (they were the other model's). Written with
+    `torch.save` as the checkpoint of a run of the mask run's config, that run resumes it.
+
+    Parameters
+    ----------
+    weights : Path
+        The checkpoint whose global model is kept.
+    mask : Path
+        The checkpoint whose mask and everything else is kept; of the same round and model.
+
+    Returns
+    -------
+    dict[str, Any]
+        The checkpoint, as `save_checkpoint` writes it.
+
+    Raises
+    ------
+    CheckpointError
+        A file is unreadable, or the two differ in round or in the model's tensors (named).
+    """
+    model, into = read_checkpoint(weights), read_checkpoint(mask)
+    if model["round"] != into["round"]:
+        raise CheckpointError(f"checkpoint {weights} is of round {model['round']}, {mask} of round {into['round']}")
+    _tensors(model["arrays"], "arrays")
+    _tensors(into["arrays"], "arrays")
+    theirs, ours = shapes_of(model["arrays"], list(model["arrays"])), shapes_of(into["arrays"], list(into["arrays"]))
+    if theirs != ours:
+        differing = sorted(name for name in theirs.keys() | ours.keys() if theirs.get(name) != ours.get(name))
+        raise CheckpointError(f"checkpoints {weights} and {mask} hold different models (tensors {differing})")
+    masks = into["strategy"]["masks"]
+    _tensors(masks, "strategy.masks", torch.bool)
+    wrong = sorted(name for name, tensor in masks.items() if ours.get(name) != tuple(tensor.shape))
+    if wrong:
+        raise CheckpointError(f"checkpoint {mask}: field 'strategy.masks' has {wrong} not shaped like the model")
+    arrays = {name: tensor * masks[name] if name in masks else tensor for name, tensor in model["arrays"].items()}
+    strategy = {**into["strategy"], "optimizer": {"m": {}, "v": {}}}
+    return {**into, "arrays": arrays, "strategy": strategy}
 
 
 def check_config(config: Any) -> None:

@@ -21,8 +21,10 @@ from feddst_flwr.checkpoint import (
     fingerprint,
     load_checkpoint,
     save_checkpoint,
+    swapped,
 )
 from feddst_flwr.prunefl import PruneFL
+from feddst_flwr.server_optimizer import ServerOptimizer
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -89,6 +91,62 @@ def test_checkpoint_of_another_model_is_an_error():
 def snapshot(federation: Federation, rounds: range) -> None:
     for server_round in rounds:
         federation.round(server_round)
+
+
+def two_runs(make_cfg, tmp_path, rounds=(4, 4)):
+    """Checkpoints of two runs with different masks and models: (weights run, mask run), their paths."""
+    runs = []
+    for index, (seed, server_round) in enumerate(zip((0, 1), rounds)):
+        strategy = make_strategy(seed=seed, server_optimizer=ServerOptimizer("adam", lr=0.01, beta1=0.9))
+        state = {name: tensor + index + 1 for name, tensor in new_model().state_dict().items()}  # dense, no zeros
+        strategy.initialize(ArrayRecord(new_model().state_dict()))
+        strategy.server_optimizer.m = {name: torch.ones(SHAPES[name]) for name in MASKABLE}  # a step taken
+        recorder = {"records": [{"round": 0}], "cumulative": {"upload": 7 * seed}, "elapsed": 1.0}
+        cfg = make_cfg(results_dir=str(tmp_path), run_name=f"run{seed}", num_server_rounds=10, seed=seed)
+        checkpoint = Checkpoint(server_round, state, strategy.state_dict(), recorder)
+        runs.append((checkpoint, save_checkpoint(cfg, checkpoint)))
+    return runs
+
+
+def test_swapped_checkpoint_is_one_runs_model_under_the_other_runs_mask(make_cfg, tmp_path):
+    (model, model_path), (into, into_path) = two_runs(make_cfg, tmp_path)
+    swap = swapped(model_path, into_path)
+    masks = into.strategy["masks"]
+    assert any(not torch.equal(masks[n], model.strategy["masks"][n]) for n in MASKABLE)
+    for name in SHAPES:
+        expected = model.arrays[name] * masks[name] if name in MASKABLE else model.arrays[name]
+        assert torch.equal(swap["arrays"][name], expected)
+    assert all(int(torch.count_nonzero(swap["arrays"][n])) == int(masks[n].sum()) for n in MASKABLE)
+    assert swap["round"] == 4 and swap["recorder"] == into.recorder
+    assert swap["strategy"]["rng"] == into.strategy["rng"] and swap["strategy"]["mask_version"] == 0
+    assert swap["strategy"]["optimizer"] == {"m": {}, "v": {}}  # the other model's moments are dropped
+    resumed_cfg = make_cfg(results_dir=str(tmp_path), run_name="swap", num_server_rounds=10, seed=1, resume=True)
+    path = checkpoint_path(resumed_cfg)
+    path.parent.mkdir()
+    torch.save(swap, path)
+    loaded = load_checkpoint(resumed_cfg)  # a run of the mask run's config resumes it
+    strategy = make_strategy(seed=1, server_optimizer=ServerOptimizer("adam", lr=0.01, beta1=0.9))
+    strategy.initialize(ArrayRecord(new_model().state_dict()))
+    arrays = strategy.load_state_dict(loaded.strategy, loaded.arrays).to_torch_state_dict()
+    assert all(torch.equal(strategy.masks[n], masks[n]) for n in MASKABLE)
+    assert all(torch.equal(arrays[n], swap["arrays"][n]) for n in SHAPES)
+    with pytest.raises(CheckpointError, match=r"different experiment \(seed: 1 -> 0\)"):
+        load_checkpoint(make_cfg(results_dir=str(tmp_path), run_name="swap", num_server_rounds=10, seed=0))
+
+
+def test_swapping_checkpoints_of_different_rounds_or_models_is_an_error(make_cfg, tmp_path):
+    (_, first), (_, second) = two_runs(make_cfg, tmp_path, rounds=(4, 6))
+    with pytest.raises(CheckpointError, match="round 4, .* of round 6"):
+        swapped(first, second)
+    saved = torch.load(second, weights_only=True)
+    saved["round"] = 4
+    saved["arrays"][FC] = torch.zeros(3)
+    torch.save(saved, second)
+    with pytest.raises(CheckpointError, match=rf"different models \(tensors \['{FC}'\]\)"):
+        swapped(first, second)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="broken.pt is corrupt"):
+        swapped(first, tmp_path / "broken.pt")
 
 
 def test_resumed_strategy_ends_where_the_uninterrupted_one_does(make_cfg):

@@ -10,9 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from fakes import MASKABLE, make_strategy, new_model
+from flwr.app import ArrayRecord
 
 import sim
 from feddst_flwr import report
+from feddst_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from feddst_flwr.registry import load_config
 
 GIB = 2**30
 
@@ -306,6 +311,41 @@ def test_a_run_that_ends_early_is_tried_again(tmp_path, checkpoint):
     assert runner.calls == ["feddst-seed0", "fedavg-seed0", "feddst-seed1", "feddst-seed1", "fedavg-seed1"]
     assert runner.resumed == (["feddst-seed1", "feddst-seed1"] if checkpoint else [])
     assert all((results / f"{s}-seed{k}" / "done").exists() for s in ("feddst", "fedavg") for k in (0, 1))
+
+
+def test_swap_starts_a_run_as_one_runs_model_under_another_runs_mask(tmp_path, pyproject_config):
+    path = tmp_path / "exp.toml"
+    path.write_text(
+        'preset = "digits"\nstrategies = ["feddst", "randommask", "swap", "other"]\nseeds = [0]\nnum-supernodes = 6\n'
+        '[run-config]\ndata-dir = "../shared/data"\ncheckpoint-every = 1\nnum-server-rounds = 2\n'
+        '[strategy.swap]\nstrategy = "randommask"\nnum-server-rounds = 4\n'
+        '[strategy.other]\nstrategy = "randommask"\nlr = 0.5\n'
+    )
+    exp, results = sim.Experiment.load(path), tmp_path / "results"
+    saved = {}
+    for seed, arm in enumerate(("feddst", "randommask")):
+        strategy = make_strategy(seed=seed)
+        strategy.initialize(ArrayRecord(new_model().state_dict()))
+        state = {name: tensor + 1 for name, tensor in new_model().state_dict().items()}
+        recorder = {"records": [{"round": 0}], "cumulative": {}, "elapsed": 1.0}
+        saved[arm] = Checkpoint(2, state, strategy.state_dict(), recorder)
+        save_checkpoint(load_config({**pyproject_config, **exp.config(arm, 0, results)}), saved[arm])
+    with pytest.raises(ValueError, match=r"swap and feddst differ in run config \(strategy\)"):
+        sim.swap(exp, results, "swap", "randommask", "feddst", 0)
+    with pytest.raises(ValueError, match=r"other and randommask differ in run config \(lr\)"):
+        sim.swap(exp, results, "other", "feddst", "randommask", 0)
+    with pytest.raises(ValueError, match="'nope' is not a strategy"):
+        sim.swap(exp, results, "nope", "feddst", "randommask", 0)
+    assert "feddst's model under randommask's mask after round 2" in sim.swap(
+        exp, results, "swap", "feddst", "randommask", 0
+    )
+    resumed = load_checkpoint(load_config({**pyproject_config, **exp.config("swap", 0, results), "resume": True}))
+    masks = saved["randommask"].strategy["masks"]
+    assert all(torch.equal(resumed.arrays[n], saved["feddst"].arrays[n] * masks[n]) for n in MASKABLE)
+    assert all(torch.equal(resumed.strategy["masks"][n], masks[n]) for n in MASKABLE)
+    with pytest.raises(ValueError, match="swap-seed0 exists"):
+        sim.swap(exp, results, "swap", "feddst", "randommask", 0)
+    assert not (results / "other-seed0").exists()
 
 
 def test_progress_lines_from_metrics_records(tmp_path):
