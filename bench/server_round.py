@@ -18,9 +18,10 @@ Replies are the global model plus noise, built with the codec the clients use; n
 are drawn from 100-600. Seconds are the median and min over repetitions (the two sides
 alternate); peak memory is the peak RSS of the process during the call above its RSS before
 it (glibc's heap trimmed first, large blocks mmapped), in copies of the model's float32
-weights. The client's codec: decoding a download without a mask (the mask comes from the
-node's state) and encoding the reply, on a steady and on a readjust round (the reply's mask
-as a delta). `--train` adds a client's local training (the paper's local work: 10 epochs of
+weights. The client's codec: decoding a download and encoding the reply, on a steady round
+(the download without a mask: the node holds it from the round before), a readjust round
+(the same, the reply's moved mask as a delta) and the round after (`new mask`: the download
+carries the moved global mask as a delta). `--train` adds a client's local training (the paper's local work: 10 epochs of
 40 images, batch 32) per model. Prints markdown tables; one torch thread.
 
     python bench/server_round.py [--replies 20 100] [--models ...] [--repetitions 3] [--train] [--quick]
@@ -58,6 +59,7 @@ from feddst_flwr.training import train  # noqa: E402
 MODELS = {"cifar10-cnn": 10, "femnist-cnn": 62, "resnet18": 10}
 SPARSITY, ALPHA, DELTA_R, R_END = 0.8, 0.3, 2, 10
 ROUNDS = {"steady": 1, "readjust": 2}  # server rounds: alpha_r = 0 on round 1, > 0 on round 2
+CLIENT_ROUNDS = ("steady", "readjust", "new mask")
 NOISE = 0.01
 M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024  # glibc mallopt: mmap large blocks, always
 
@@ -215,29 +217,42 @@ def server_rows(memory: Memory, models: list[str], replies: list[int], repetitio
 
 
 def client_codec(model_name: str, kind: str, repetitions: int) -> tuple[float, float]:
-    """(median, min) seconds of a client's codec in one round: decode the download (no mask:
-    the node holds it), encode the reply (with its moved mask as a delta on a readjust round)."""
+    """(median, min) seconds of a client's codec in one round: decode the download, encode
+    the reply. `steady`: the download has no mask (the node holds it, unpacked the round
+    before); `readjust`: the same, and the reply carries its moved mask as a delta; `new mask`:
+    the download carries a moved global mask as a delta from the one the node holds (the round
+    after a readjustment), the reply is values under it."""
     model = build_model(model_name, MODELS[model_name], 0)
-    bench = Round(model_name, 2, kind)
+    bench = Round(model_name, 2, "steady" if kind == "new mask" else kind)
     strategy = bench.strategy
-    download = encode(strategy.global_state, strategy.masks, False, strategy.value_dtype)
-    config = ConfigRecord({P.SERVER_ROUND: bench.server_round, P.MASK_VERSION: strategy.mask_version})
-    node_state = RecordDict()
-    store_masks(node_state, strategy.masks, strategy.mask_version)
-    alpha_r = readjust_alpha(bench.server_round, ALPHA, DELTA_R, R_END)
+    version = strategy.mask_version
+    alpha_r = readjust_alpha(ROUNDS["readjust"] if kind == "new mask" else bench.server_round, ALPHA, DELTA_R, R_END)
     moved = readjusted(strategy.masks, alpha_r, torch.Generator().manual_seed(3)) if alpha_r > 0 else None
     weights = {name: t.clone() for name, t in strategy.global_state.items()}
     for name, mask in (moved or strategy.masks).items():
         weights[name].mul_(mask)
+    if kind == "new mask":
+        assert moved is not None
+        download = encode(weights, moved, True, strategy.value_dtype, HeldMask(strategy.masks, version))
+        config = ConfigRecord({P.SERVER_ROUND: ROUNDS["readjust"] + 1, P.MASK_VERSION: version + 1})
+    else:
+        download = encode(strategy.global_state, strategy.masks, False, strategy.value_dtype)
+        config = ConfigRecord({P.SERVER_ROUND: bench.server_round, P.MASK_VERSION: version})
+    node_state = RecordDict()
+    store_masks(node_state, strategy.masks, version)
+    receive(model, encode(strategy.global_state, strategy.masks, False, strategy.value_dtype), ConfigRecord(
+        {P.SERVER_ROUND: 1, P.MASK_VERSION: version}), node_state)  # fmt: skip  # the round before
 
-    def run() -> None:  # as client_round: a steady reply goes under the very masks received
+    def run() -> None:  # as client_round: a reply goes under the masks received, or its own moved ones
         _, masks = receive(model, download, config, node_state)
         assert masks is not None
-        sent = HeldMask(masks, strategy.mask_version)
-        encode(weights, moved or masks, moved is not None, strategy.value_dtype, sent)
+        sent = HeldMask(masks, int(config[P.MASK_VERSION]))
+        reply_masks = moved if kind == "readjust" else masks
+        encode(weights, reply_masks, kind == "readjust", strategy.value_dtype, sent)
 
     seconds = []
     for _ in range(repetitions):
+        store_masks(node_state, strategy.masks, version)  # the node holds the old mask again (not timed)
         start = time.perf_counter()
         run()
         seconds.append(time.perf_counter() - start)
@@ -248,7 +263,7 @@ def client_rows(models: list[str], repetitions: int) -> list[str]:
     rows = []
     for model_name in models:
         cells = []
-        for kind in ROUNDS:
+        for kind in CLIENT_ROUNDS:
             median, low = client_codec(model_name, kind, repetitions)
             cells.append(f"{1000 * median:.1f} | {1000 * low:.1f}")
         rows.append(f"| {model_name} | {' | '.join(cells)} |")
@@ -297,8 +312,11 @@ def main() -> None:
     )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     server_rows(memory, args.models, args.replies, args.repetitions)
-    print("\n| model | client codec, steady: median ms | min ms | readjust: median ms | min ms |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "\n| model | client codec, steady: median ms | min ms | readjust: median ms | min ms "
+        "| new mask: median ms | min ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     client_rows(args.models, max(args.repetitions, 5))
     if args.train:
         print("\n| model | parameters | local training (10 epochs of 40 images, batch 32): median s | min s |")

@@ -41,7 +41,8 @@ def test_bare_only_prints_one_cpu_row():
 
 @pytest.mark.slow
 def test_server_round_bench_quick_prints_its_tables():
-    """bench/server_round.py --quick: cifar10-cnn, 4 replies, both rounds, the client's codec."""
+    """bench/server_round.py --quick: cifar10-cnn, 4 replies, both rounds, the client's codec
+    on its three rounds."""
     done = subprocess.run(
         [sys.executable, "bench/server_round.py", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
@@ -49,3 +50,4 @@ def test_server_round_bench_quick_prints_its_tables():
     rows = [line for line in done.stdout.splitlines() if line.startswith("| cifar10-cnn |")]
     assert [row.split(" | ")[2] for row in rows[:2]] == ["steady", "readjust"], done.stdout
     assert len(rows) == 3 and all(re.search(r"\| \d+\.\d+ \|$", row) for row in rows), done.stdout
+    assert len(re.findall(r"\| \d+\.\d+ (?=\|)", rows[2])) == 6, done.stdout  # steady, readjust, new mask
