@@ -5,7 +5,7 @@ Per maskable layer `name`:
                 little-endian float32 (or float16) bytes; `shape` is the layer's shape.
   `name:mask`   only when the mask travels: the layer's mask in whichever coding is
                 smallest for it (mask_coding.py): a plain bitmask, a range-coded mask, or
-                a range-coded delta from a mask version the receiver holds.
+                a Rice-coded delta from a mask version the receiver holds.
 Every other tensor is a plain `numpy.ndarray` Array, as Flower sends it.
 """
 

@@ -271,7 +271,7 @@ CASES = {
     "float32 values, float16 configured": (2, layer("fc1.weight", poke(lambda v: v.astype("<f4"))), "value-dtype", SPARSE),
     "short bitmask": (2, remasked(swap_one, "fc1.weight:mask", raw("bool", (0,), b"\x00", BITMASK_STYPE)), "mask shape", SPARSE),
     "mask delta from an old version": (2, remasked(swap_one, delta_from=-1 % 2**64), "holds version 0", SPARSE),
-    "mask delta as a full mask": (2, remasked(swap_one, "fc1.weight:mask", lambda a: raw("bool", tuple(a.shape), a.data, CODED_STYPE), 0), "beyond the declared", SPARSE),
+    "mask delta as a full mask": (2, remasked(swap_one, "fc1.weight:mask", lambda a: raw("bool", tuple(a.shape), a.data, CODED_STYPE), 0), "range code", SPARSE),
     "coded mask count lies": (2, remasked(swap_one, "fc1.weight:mask", lambda a: raw("bool", tuple(a.shape), CODED_HEADER.pack(7) + a.data[8:], CODED_STYPE)), "declared", SPARSE),
     "popcount != values": (2, remasked(grow_one, "fc1.weight", None), "values but the mask", SPARSE),
     "mask denser than S": (2, remasked(grow_one), "allows", SPARSE),

@@ -152,7 +152,7 @@ def test_unknown_stype():
 
 def test_headers_shorter_than_declared():
     rejected(CODED_STYPE, CODED[:5], "shorter than its 8-byte header")
-    rejected(DELTA_STYPE, DELTA[:20], "shorter than its 24-byte header")
+    rejected(DELTA_STYPE, DELTA[:20], "shorter than its 26-byte header")
 
 
 def test_more_bytes_than_a_plain_bitmask_are_refused_before_decoding():
@@ -183,15 +183,47 @@ def test_held_mask_of_another_size():
 
 
 def test_delta_counts_beyond_the_base():
-    version, entered, left = DELTA_HEADER.unpack_from(DELTA)
-    active = int(BASE.sum())
-    rejected(DELTA_STYPE, DELTA_HEADER.pack(version, SIZE - active + 1, left) + DELTA[24:], "entered", "inactive")
-    rejected(DELTA_STYPE, DELTA_HEADER.pack(version, entered, active + 1) + DELTA[24:], "left", "active")
+    version, entered, left, k_entered, k_left = DELTA_HEADER.unpack_from(DELTA)
+    active, code = int(BASE.sum()), DELTA[DELTA_HEADER.size :]
+    rejected(DELTA_STYPE, DELTA_HEADER.pack(version, SIZE - active + 1, left, k_entered, k_left) + code, "inactive")
+    rejected(DELTA_STYPE, DELTA_HEADER.pack(version, entered, active + 1, k_entered, k_left) + code, "left", "active")
 
 
 def test_delta_counts_that_lie():
-    version, entered, left = DELTA_HEADER.unpack_from(DELTA)
-    rejected(DELTA_STYPE, DELTA_HEADER.pack(version, entered + 1, left) + DELTA[24:], "declared")
+    version, entered, left, k_entered, k_left = DELTA_HEADER.unpack_from(DELTA)
+    code = DELTA[DELTA_HEADER.size :]
+    rejected(DELTA_STYPE, DELTA_HEADER.pack(version, entered + 1, left, k_entered, k_left) + code, "declared")
+    rejected(DELTA_STYPE, DELTA_HEADER.pack(version, entered - 1, left, k_entered, k_left) + code)
+
+
+def test_delta_is_rice_coded_gaps_by_hand():
+    """Base: positions 0 and 1 of 8 active. Position 1 leaves; 4 and 7 (inactive indices 2 and
+    5) enter: entered gaps 2, 2 and k = 0 (every k in 0-2 costs 4 bits beyond the ones: the
+    first is taken): 001 001; left: index 1 among 2, gap 1, k = 0: 01. One byte 0b00100101."""
+    base = np.zeros(8, dtype=bool)
+    base[[0, 1]] = True
+    mask = base.copy()
+    mask[[1]], mask[[4, 7]] = False, True
+    data = _encode_delta(mask, base, 7)
+    assert data == DELTA_HEADER.pack(7, 2, 1, 0, 0) + bytes([0b00100101])
+    assert np.array_equal(decode_mask(as_array(DELTA_STYPE, data, 8), 8, base, 7), mask)
+
+
+def test_rice_parameters_and_gaps_beyond_the_layer():
+    version, entered, left, k_entered, k_left = DELTA_HEADER.unpack_from(DELTA)
+    code = DELTA[DELTA_HEADER.size :]
+    rejected(DELTA_STYPE, DELTA_HEADER.pack(version, entered, left, 40, k_left) + code, "Rice parameter 40")
+    base = np.zeros(8, dtype=bool)
+    base[[0, 1]] = True
+    beyond = DELTA_HEADER.pack(7, 1, 0, 0, 0) + bytes([0b00000010])  # gap 6: index 6 of 6 inactive
+    with pytest.raises(MaskCodingError, match="beyond the 6 positions"):
+        decode_mask(as_array(DELTA_STYPE, beyond, 8), 8, base, 7)
+    for trailing in (bytes([0b00100101, 0]), bytes([0b00100111])):  # a byte too many; a one past the code
+        with pytest.raises(MaskCodingError):
+            decode_mask(as_array(DELTA_STYPE, DELTA_HEADER.pack(7, 2, 1, 0, 0) + trailing, 8), 8, base, 7)
+    short = DELTA_HEADER.pack(7, 2, 1, 1, 0) + bytes([0b01000000])  # k = 1 and no room for the remainders
+    with pytest.raises(MaskCodingError, match="remainders|ends"):
+        decode_mask(as_array(DELTA_STYPE, short, 8), 8, base, 7)
 
 
 # --------------------------------------------------------------------------- fuzzing
