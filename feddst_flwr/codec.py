@@ -320,11 +320,13 @@ def _decode_mask(name: str, array: Array, shape: tuple[int, ...], held: HeldMask
     return torch.from_numpy(bits).view(shape)
 
 
-def _held_layer(held: HeldMask | None, name: str) -> tuple[np.ndarray | None, int]:
-    """The flat mask of layer `name` the receiver holds (None: none held) and its version."""
+def _held_layer(held: HeldMask | None, name: str) -> tuple[np.ndarray | None, int, np.ndarray | None]:
+    """The flat mask of layer `name` the receiver holds (None: none held), its version and
+    its active positions (cached on the mask)."""
     if held is None or name not in held.masks:
-        return None, 0
-    return held.masks[name].flatten().numpy(), held.version
+        return None, 0, None
+    mask = held.masks[name]
+    return mask.flatten().numpy(), held.version, positions(mask)
 
 
 def _decode_values(name: str, array: Array, shape: tuple[int, ...], mask: torch.Tensor) -> np.ndarray:

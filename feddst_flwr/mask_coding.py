@@ -9,9 +9,10 @@ smallest for this layer and this message, named by the Array's stype.
                        receiver holds, as two Rice-coded streams of gaps: the indices of the
                        entered positions among the base's n - a inactive ones, then those of
                        the left positions among its a active ones, each gap g (indices apart,
-                       less one) as g >> k zeros and a one, the stream's remainders after its
-                       quotients (k bits each, most significant first); one bitstring
-                       (np.packbits order), zero-padded to a byte. Entered positions are
+                       less one) as its remainder g mod 2^k (k bits, most significant first)
+                       and its quotient g >> k in unary (that many zeros and a one); one
+                       bitstring (np.packbits order): both streams' remainders, then both
+                       streams' quotients, zero-padded to a byte. Entered positions are
                        inactive in the base and left ones active by construction; the size
                        is within a few percent of the entropy of the change, and coding and
                        decoding touch only the changed positions (vectorised).
@@ -45,14 +46,17 @@ class MaskCodingError(ValueError):
     """A coded mask is malformed or does not fit the layer; the message says how."""
 
 
-def encode_mask(mask: np.ndarray, base: np.ndarray | None = None, version: int = 0) -> tuple[str, bytes]:
+def encode_mask(
+    mask: np.ndarray, base: np.ndarray | None = None, version: int = 0, base_active: np.ndarray | None = None
+) -> tuple[str, bytes]:
     """The smallest coding of a flat bool mask: (stype, data); a delta against `base`
-    (the mask of `version` the receiver holds) is a candidate when given. The full range
+    (the mask of `version` the receiver holds; `base_active`: its active positions, ascending,
+    if known) is a candidate when given. The full range
     code is not computed when its size cannot undercut the delta's (`_full_code_floor`):
     after a readjustment the delta is far smaller, and coding every position twice would
     double the time."""
     candidates = [(BITMASK_STYPE, np.packbits(mask).tobytes())]
-    delta = None if base is None else (DELTA_STYPE, _encode_delta(mask, base, version))
+    delta = None if base is None else (DELTA_STYPE, _encode_delta(mask, base, version, base_active))
     if delta is None or _full_code_floor(int(np.count_nonzero(mask)), mask.size) <= len(delta[1]):
         candidates.append((CODED_STYPE, _encode_full(mask)))
     if delta is not None:
@@ -73,9 +77,12 @@ def _full_code_floor(count: int, size: int) -> float:
     return CODED_HEADER.size + (0.999 * bits - 2 * 32) / 8
 
 
-def decode_mask(array: Array, size: int, held: np.ndarray | None, held_version: int) -> np.ndarray:
+def decode_mask(
+    array: Array, size: int, held: np.ndarray | None, held_version: int, held_active: np.ndarray | None = None
+) -> np.ndarray:
     """The flat bool mask of a layer of `size` weights from its Array; `held` is the flat
-    mask of version `held_version` the receiver holds (needed for a delta), or None."""
+    mask of version `held_version` the receiver holds (needed for a delta), or None;
+    `held_active` its active positions, ascending, if known."""
     limit = math.ceil(size / 8) + math.ceil(size / 8192) + 2 * WORD.itemsize
     if array.stype == BITMASK_STYPE:
         return _decode_bitmask(array.data, size)
@@ -93,7 +100,8 @@ def decode_mask(array: Array, size: int, held: np.ndarray | None, held_version: 
             raise MaskCodingError(f"delta against mask version {version}, the receiver holds version {held_version}")
         if held.size != size:
             raise MaskCodingError(f"held mask has {held.size} positions, the layer {size}")
-        was_active = int(np.count_nonzero(held))
+        active = np.flatnonzero(held) if held_active is None else held_active
+        was_active = len(active)
         if entered > size - was_active or left > was_active:
             raise MaskCodingError(
                 f"delta declares {entered} entered and {left} left positions; the base mask has "
@@ -102,14 +110,14 @@ def decode_mask(array: Array, size: int, held: np.ndarray | None, held_version: 
         into, out_of = _decode_gaps(
             array.data[DELTA_HEADER.size :], [(size - was_active, entered, k_entered), (was_active, left, k_left)]
         )
-        return _apply_delta(held, into, out_of)
+        return _apply_delta(held, active, into, out_of)
     raise MaskCodingError(f"mask expected one of stypes {list(MASK_STYPES)}, got '{array.stype}'")
 
 
-def _apply_delta(held: np.ndarray, entered: np.ndarray, left: np.ndarray) -> np.ndarray:
-    """The flat mask `held` with the `entered`-th of its inactive positions set and the
-    `left`-th of its active positions cleared (ascending indices among them)."""
-    active = np.flatnonzero(held)
+def _apply_delta(held: np.ndarray, active: np.ndarray, entered: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """The flat mask `held` (`active`: its active positions) with the `entered`-th of its
+    inactive positions set and the `left`-th of its active positions cleared (ascending
+    indices among them)."""
     before = active - np.arange(len(active))  # inactive positions before each active one
     mask = held.copy()
     mask[entered + np.searchsorted(before, entered, side="right")] = True  # the k-th inactive one
@@ -121,23 +129,24 @@ def _encode_full(mask: np.ndarray) -> bytes:
     return CODED_HEADER.pack(int(np.count_nonzero(mask))) + _encode_streams([mask])
 
 
-def _encode_delta(mask: np.ndarray, base: np.ndarray, version: int) -> bytes:
-    active = np.flatnonzero(base)
+def _encode_delta(mask: np.ndarray, base: np.ndarray, version: int, active: np.ndarray | None = None) -> bytes:
+    active = np.flatnonzero(base) if active is None else active
     changed = np.flatnonzero(mask != base)
     into, out_of = changed[mask[changed]], changed[~mask[changed]]
     entered = into - np.searchsorted(active, into)  # indices among the base's inactive positions
     left = np.searchsorted(active, out_of)  # and among its active ones
-    (entered_bits, k_entered), (left_bits, k_left) = _rice(entered, mask.size - len(active)), _rice(left, len(active))
-    header = DELTA_HEADER.pack(version, len(entered), len(left), k_entered, k_left)
-    return header + np.packbits(np.concatenate([entered_bits, left_bits])).tobytes()
+    coded = [_rice(entered, mask.size - len(active)), _rice(left, len(active))]
+    header = DELTA_HEADER.pack(version, len(entered), len(left), coded[0][2], coded[1][2])
+    bits = np.concatenate([remainders for _, remainders, _ in coded] + [unary for unary, _, _ in coded])
+    return header + np.packbits(bits).tobytes()
 
 
-def _rice(indices: np.ndarray, domain: int) -> tuple[np.ndarray, int]:
-    """Ascending indices among `domain` positions as Rice-coded gaps: the bits (uint8 0/1:
-    quotients in unary, then the k-bit remainders) and k, the parameter that makes them
+def _rice(indices: np.ndarray, domain: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Ascending indices among `domain` positions as Rice-coded gaps: the quotients in unary
+    and the k-bit remainders (uint8 0/1 bits each), and k, the parameter that makes them
     fewest. None or all of the positions cost nothing (the count says it)."""
     if len(indices) in (0, domain):
-        return np.zeros(0, dtype=np.uint8), 0
+        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint8), 0
     gaps = np.diff(indices, prepend=-1) - 1
     guess = max(int(np.mean(gaps)), 1).bit_length() - 1  # the best k is within one of log2(mean gap)
     k = min(range(max(guess - 1, 0), guess + 2), key=lambda k: len(gaps) * k + int((gaps >> k).sum()))
@@ -145,40 +154,46 @@ def _rice(indices: np.ndarray, domain: int) -> tuple[np.ndarray, int]:
     unary = np.zeros(int(quotients.sum()) + len(gaps), dtype=np.uint8)
     unary[np.cumsum(quotients + 1) - 1] = 1
     remainders = ((gaps[:, None] >> np.arange(k - 1, -1, -1)) & 1).astype(np.uint8)
-    return np.concatenate([unary, remainders.ravel()]), k
+    return unary, remainders.ravel(), k
 
 
 def _decode_gaps(data: bytes, streams: list[tuple[int, int, int]]) -> list[np.ndarray]:
     """Inverse of the Rice-coded streams of `_encode_delta` for (domain, declared count, k)
-    triples: each stream's ascending indices, checked to lie in its domain; the code must
-    end within its last byte, padded with zeros."""
+    triples: every stream's remainders, then every stream's quotients in unary, padded with
+    zeros to a byte. Returns each stream's ascending indices, checked to lie in its domain."""
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    offset, decoded = 0, []
-    for domain, count, k in streams:
+    coded = [(domain, count, k) for domain, count, k in streams if count not in (0, domain)]
+    for domain, _, k in streams:
         if k > max(domain, 1).bit_length():
             raise MaskCodingError(f"Rice parameter {k} for positions among {domain}")
+    unary_start = sum(count * k for _, count, k in coded)
+    if len(bits) < unary_start:
+        raise MaskCodingError(f"gap code ends before the remainders of its {unary_start} bits")
+    ones = np.flatnonzero(bits[unary_start:])
+    declared = sum(count for _, count, _ in coded)
+    if len(ones) != declared:
+        raise MaskCodingError(f"gap code holds {len(ones)} quotients, {declared} declared positions")
+    if declared and len(bits) - (unary_start + int(ones[-1]) + 1) >= 8:
+        raise MaskCodingError("gap code has bytes beyond the declared positions")
+    if not declared and len(bits):
+        raise MaskCodingError("gap code has bytes and no declared positions")
+    quotients = np.diff(ones, prepend=-1) - 1
+    decoded, remainder, quotient = [], 0, 0
+    for domain, count, k in streams:
         if count in (0, domain):
             decoded.append(np.arange(count, dtype=np.int64))
             continue
-        ones = np.flatnonzero(bits[offset:])[:count]
-        if len(ones) < count:
-            raise MaskCodingError(f"gap code ends after {len(ones)} of its {count} declared positions")
-        quotients = np.diff(ones, prepend=-1) - 1
-        start = offset + int(ones[-1]) + 1
-        if len(bits) < start + count * k:
-            raise MaskCodingError(f"gap code ends before the remainders of its {count} declared positions")
-        if int(quotients.max()) > domain >> k:
+        gaps = quotients[quotient : quotient + count]
+        if int(gaps.max()) > domain >> k:
             raise MaskCodingError(f"a gap beyond the {domain} positions it indexes")
-        gaps = quotients << k
-        for j, column in enumerate(bits[start : start + count * k].reshape(count, k).T):
+        gaps = gaps << k
+        for j, column in enumerate(bits[remainder : remainder + count * k].reshape(count, k).T):
             gaps |= column.astype(np.int64) << (k - 1 - j)
         indices = np.cumsum(gaps + 1) - 1
         if indices[-1] >= domain:
             raise MaskCodingError(f"position {int(indices[-1])} beyond the {domain} positions it indexes")
         decoded.append(indices)
-        offset = start + count * k
-    if len(bits) - offset >= 8 or bits[offset:].any():
-        raise MaskCodingError("gap code has bits beyond the declared positions")
+        remainder, quotient = remainder + count * k, quotient + count
     return decoded
 
 

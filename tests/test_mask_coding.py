@@ -221,8 +221,8 @@ def test_rice_parameters_and_gaps_beyond_the_layer():
     for trailing in (bytes([0b00100101, 0]), bytes([0b00100111])):  # a byte too many; a one past the code
         with pytest.raises(MaskCodingError):
             decode_mask(as_array(DELTA_STYPE, DELTA_HEADER.pack(7, 2, 1, 0, 0) + trailing, 8), 8, base, 7)
-    short = DELTA_HEADER.pack(7, 2, 1, 1, 0) + bytes([0b01000000])  # k = 1 and no room for the remainders
-    with pytest.raises(MaskCodingError, match="remainders|ends"):
+    short = DELTA_HEADER.pack(7, 2, 1, 1, 0) + bytes([0b01000000])  # k = 1: two remainder bits, then no quotient
+    with pytest.raises(MaskCodingError, match="holds 0 quotients, 3 declared"):
         decode_mask(as_array(DELTA_STYPE, short, 8), 8, base, 7)
 
 
