@@ -359,8 +359,14 @@ def _check_finite(name: str, values: np.ndarray) -> None:
 
 
 def masks_to_record(masks: Masks) -> ArrayRecord:
-    """Pack masks into bitmask Arrays (to keep them in a node's Context state)."""
-    return ArrayRecord({name: _pack_mask(mask) for name, mask in masks.items()})
+    """Pack masks into bitmask Arrays (to keep them in a node's Context state); unpacking
+    them again (`masks_from_record`) gives back these very tensors while they are unchanged."""
+    record = ArrayRecord()
+    for name, mask in masks.items():
+        record[name] = _pack_mask(mask)
+        if mask.device.type == "cpu":
+            _STORED[name] = (bytes(record[name].data), tuple(mask.shape), mask, mask._version)
+    return record
 
 
 def masks_from_record(record: ArrayRecord, shapes: Shapes) -> Masks:

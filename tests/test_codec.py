@@ -448,25 +448,30 @@ def test_stored_masks_are_unpacked_once_while_the_bits_are_the_same():
     masks = make_masks()
     shapes = {n: tuple(m.shape) for n, m in masks.items()}
     first = codec.masks_from_record(codec.masks_to_record(masks), shapes)
+    assert all(first[n] is masks[n] for n in masks)  # the stored tensors themselves
     again = codec.masks_from_record(codec.masks_to_record(masks), shapes)  # equal bits, new bytes objects
     assert all(again[n] is first[n] for n in masks)
     assert all(positions(again[n]) is positions(first[n]) for n in masks)
     moved = {n: m.clone() for n, m in masks.items()}
     moved["fc.weight"][0] = ~moved["fc.weight"][0]
     changed = codec.masks_from_record(codec.masks_to_record(moved), shapes)
-    assert changed["fc.weight"] is not first["fc.weight"] and torch.equal(changed["fc.weight"], moved["fc.weight"])
-    assert changed["conv.weight"] is first["conv.weight"]
+    assert all(changed[n] is moved[n] for n in masks)  # storing primes the cache with the stored tensors
+    record = codec.masks_to_record(masks)
+    codec.masks_from_record(codec.masks_to_record(moved), shapes)
+    unpacked = codec.masks_from_record(record, shapes)  # other bits than the last stored: unpacked
+    assert all(unpacked[n] is not masks[n] and torch.equal(unpacked[n], masks[n]) for n in masks)
 
 
 def test_stored_mask_changed_in_place_is_unpacked_again():
     masks = make_masks()
     shapes = {n: tuple(m.shape) for n, m in masks.items()}
+    stored = {n: m.clone() for n, m in masks.items()}
     record = codec.masks_to_record(masks)
     held = codec.masks_from_record(record, shapes)
     held["fc.weight"][0, 0] = ~held["fc.weight"][0, 0]  # a caller's in-place change
     restored = codec.masks_from_record(record, shapes)
     assert restored["fc.weight"] is not held["fc.weight"]
-    assert all(torch.equal(restored[n], masks[n]) for n in masks)
+    assert all(torch.equal(restored[n], stored[n]) for n in masks)
 
 
 def test_stored_mask_with_a_wrong_declared_shape_is_rejected_after_a_hit():
