@@ -34,10 +34,9 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 import tomllib
-import torch
 
 from feddst_flwr import report
-from feddst_flwr.checkpoint import fingerprint, swapped
+from feddst_flwr.checkpoint import Checkpoint, config_differences, fingerprint, save_checkpoint, swapped
 from feddst_flwr.registry import load_config
 
 ROOT = Path(__file__).resolve().parent
@@ -304,17 +303,14 @@ def swap(experiment: Experiment, results: Path, into: str, weights: str, mask: s
         if not path.exists():
             raise ValueError(f"swap: no checkpoint at {path}")
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    expected = fingerprint(load_config({**defaults, **experiment.config(into, seed, results)}))  # as flwr run merges
+    cfg = load_config({**defaults, **experiment.config(into, seed, results)})  # as flwr run merges them
     state = swapped(sources[weights], sources[mask])
-    differing = sorted(
-        key for key in expected.keys() | state["config"].keys() if expected.get(key) != state["config"].get(key)
-    )
+    differing = config_differences(state["config"], fingerprint(cfg))
     if differing:
         raise ValueError(
             f"swap: {into} and {mask} differ in run config ({', '.join(differing)}): INTO must run {mask}'s config"
         )
-    run_dir.mkdir(parents=True)
-    torch.save(state, run_dir / "checkpoint.pt")
+    save_checkpoint(cfg, Checkpoint(state["round"], state["arrays"], state["strategy"], state["recorder"]))
     return f"{run_dir.name}: {weights}'s model under {mask}'s mask after round {state['round']}"
 
 

@@ -107,7 +107,7 @@ def load_checkpoint(cfg: RunConfig) -> Checkpoint:
     fields = {key: saved[key] for key in ("round", "arrays", "strategy", "recorder")}
     config = saved["config"]
     expected = fingerprint(cfg)
-    differing = sorted(key for key in expected.keys() | config.keys() if expected.get(key) != config.get(key))
+    differing = config_differences(config, expected)
     if differing:
         details = ", ".join(
             f"{key.replace('_', '-')}: {config.get(key)!r} -> {expected.get(key)!r}" for key in differing
@@ -115,6 +115,11 @@ def load_checkpoint(cfg: RunConfig) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} was written by a different experiment ({details})")
     check_fields(fields, cfg.num_server_rounds)
     return Checkpoint(**fields)
+
+
+def config_differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """The run-config fingerprint keys on which a checkpoint's `found` and a run's `expected` differ."""
+    return sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -365,7 +365,7 @@ def masks_to_record(masks: Masks) -> ArrayRecord:
     for name, mask in masks.items():
         record[name] = _pack_mask(mask)
         if mask.device.type == "cpu":
-            _STORED[name] = (bytes(record[name].data), tuple(mask.shape), mask, mask._version)
+            _keep_unpacked(name, record[name], mask)
     return record
 
 
@@ -393,5 +393,10 @@ def _stored_layer(name: str, array: Array, shape: tuple[int, ...]) -> torch.Tens
         if cached_shape == shape == tuple(array.shape) and mask._version == version and bits == array.data:
             return mask
     mask = _decode_mask(name, array, shape, None)
-    _STORED[name] = (bytes(array.data), shape, mask, mask._version)
+    _keep_unpacked(name, array, mask)
     return mask
+
+
+def _keep_unpacked(name: str, array: Array, mask: torch.Tensor) -> None:
+    """Remember `mask` as the unpacked stored bitmask `array` of layer `name`."""
+    _STORED[name] = (bytes(array.data), tuple(mask.shape), mask, mask._version)
